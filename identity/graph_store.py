@@ -1,0 +1,742 @@
+"""The identity graph over the store: ingest sightings, re-resolve clusters, rebuild.
+
+Ingest (:meth:`IdentityGraph.observe`) works per batch of sightings in one
+transaction:
+
+1. load the batch's identifiers, their persons and clusters; give new identifiers
+   primary keys (under the graph lock, so keys are allocated without a round trip);
+2. decide each new link in canonical order with the guarded union-find. A link whose
+   key sorts after every link already in the clusters it touches is decided right
+   away (*fast path*): replaying the clusters' evidence would decide everything before
+   it identically, so only this decision is new. Otherwise the link is *late*: it is
+   stored and its clusters are re-resolved from their stored evidence (*slow path*);
+3. write only what changed: new identifiers and links, the smaller side of each merge
+   relabelled, person and cluster rows upserted, history for refusals and merges.
+
+A cluster is a connected component over *all* links, refused ones included: the most
+that a late link can change, since a refusal in one person can depend on the order of
+links in another.
+
+On PostgreSQL every graph write holds one transaction-scoped advisory lock, so
+several server processes apply evidence one batch at a time and end with exactly the
+persons one process would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from identity.graph import (
+    NO_LINK,
+    Anchor,
+    Component,
+    Decision,
+    GuardedUnionFind,
+    LinkKey,
+    Outcome,
+    person_id_for,
+)
+from identity.identifiers import Identifier, NormalizedIdentifier
+from identity.models import (
+    ClusterRow,
+    HistoryRow,
+    IdentifierRow,
+    LinkRow,
+    PersonRow,
+    PinRow,
+    TombstoneRow,
+)
+from identity.policy import CompiledPolicy
+from identity.replay import NodeInfo, StoredLink, connected_clusters, replay
+from identity.sightings import Ignored, Sighting
+from stitchgraph.db import Database
+
+GRAPH_LOCK = "stitchgraph.identity-graph"
+_CHUNK = 400  # bound parameters per IN (...) list, well under every backend's limit
+
+
+def identifier_hash(identifier_type: str, value: str) -> str:
+    """The tombstone hash of an identifier (what is kept of an erased one)."""
+    return hashlib.sha256(f"{identifier_type}:{value}".encode()).hexdigest()
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class LinkResult:
+    """How one pair of a sighting was decided."""
+
+    first: Identifier
+    second: Identifier
+    decision: Decision
+    reason: str = ""
+    detail: str = ""
+
+
+@dataclass
+class SightingResult:
+    """What one sighting did: the person of its strongest identifier, its links, what was ignored."""
+
+    person_pk: int | None
+    links: list[LinkResult] = field(default_factory=list)
+    ignored: list[Ignored] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Pending:
+    key: LinkKey
+    a: int
+    b: int
+    forced: bool
+    sighting: int
+    source: str
+    request_id: str
+    operator: str
+    existing_link: int | None = None  # id of a stored row whose key this occurrence lowers
+
+
+class _Clusters:
+    """In-memory union-find over cluster labels with each cluster's latest link key."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+        self.max_key: dict[int, LinkKey] = {}
+        self.dirty: set[int] = set()
+        self.original: set[int] = set()  # clusters that exist in the store
+
+    def add(self, label: int, max_key: LinkKey, stored: bool) -> None:
+        if label not in self.parent:
+            self.parent[label] = label
+            self.max_key[label] = max_key
+            if stored:
+                self.original.add(label)
+
+    def find(self, label: int) -> int:
+        parent = self.parent
+        root = label
+        while parent[root] != root:
+            root = parent[root]
+        while parent[label] != root:
+            parent[label], label = root, parent[label]
+        return root
+
+    def union(self, a: int, b: int, key: LinkKey) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            if rb < ra:
+                ra, rb = rb, ra
+            self.parent[rb] = ra
+            self.max_key[ra] = max(self.max_key[ra], self.max_key.pop(rb))
+            if rb in self.dirty:
+                self.dirty.discard(rb)
+                self.dirty.add(ra)
+        if key > self.max_key[ra]:
+            self.max_key[ra] = key
+        return ra
+
+
+class IdentityGraph:
+    """Graph operations over one :class:`Database`; every method takes the caller's
+    session so its writes commit with the caller's other effects."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- ingest -------------------------------------------------------------------------
+
+    def observe(self, session: Session, policy: CompiledPolicy, sightings: Sequence[Sighting]) -> list[SightingResult]:
+        """Apply ``sightings`` and return one result per sighting, in order."""
+        self.db.advisory_lock(session, GRAPH_LOCK)
+        now = _now()
+        results = [SightingResult(person_pk=None, ignored=list(s.ignored)) for s in sightings]
+        sightings = self._drop_erased(session, sightings, results)
+
+        seen_at: dict[Identifier, int] = {}
+        normalized: dict[Identifier, NormalizedIdentifier] = {}
+        for sighting in sightings:
+            for n in sighting.identifiers:
+                ident = n.identifier
+                if ident not in seen_at or sighting.occurred_us < seen_at[ident]:
+                    seen_at[ident] = sighting.occurred_us
+                if ident not in normalized or n.match_keys:
+                    normalized[ident] = n
+        if not seen_at:
+            return results
+
+        existing = self._load_identifiers(session, list(seen_at))
+        pk_of: dict[Identifier, int] = {ident: row[0] for ident, row in existing.items()}
+        info: dict[int, NodeInfo] = {}
+        label_of: dict[int, int] = {}  # identifier pk -> stored person pk
+        lowered_first_seen: dict[int, int] = {}
+        for ident, (pk, person_pk, first_seen, _keys) in existing.items():
+            first = min(first_seen, seen_at[ident])
+            if first < first_seen:
+                lowered_first_seen[pk] = first
+            info[pk] = NodeInfo(ident.type, ident.value, first, policy.priority(ident.type))
+            label_of[pk] = person_pk
+
+        new_idents = [ident for ident in seen_at if ident not in pk_of]
+        next_pk = (session.execute(select(func.max(IdentifierRow.id))).scalar() or 0) + 1
+        for offset, ident in enumerate(new_idents):
+            pk = next_pk + offset
+            pk_of[ident] = pk
+            info[pk] = NodeInfo(ident.type, ident.value, seen_at[ident], policy.priority(ident.type))
+            label_of[pk] = pk
+
+        persons = self._load_persons(session, {label_of[pk] for pk, _ in ((pk_of[i], i) for i in existing)})
+        clusters = _Clusters()
+        cluster_rows = self._load_clusters(session, {p.cluster_pk for p in persons.values()})
+        person_cluster: dict[int, int] = {}
+        for person_pk, person in persons.items():
+            row = cluster_rows[person.cluster_pk]
+            clusters.add(person.cluster_pk, LinkKey(row.max_us, row.max_event, row.max_rank), stored=True)
+            person_cluster[person_pk] = person.cluster_pk
+        for ident in new_idents:
+            pk = pk_of[ident]
+            clusters.add(pk, NO_LINK, stored=False)
+            person_cluster[pk] = pk
+
+        pins = self._load_pins(session, [p for p, row in persons.items() if row.pinned])
+        anchors = self._load_anchor_infos(session, persons)
+
+        def component_of(label: object) -> Component:
+            assert isinstance(label, int)
+            row = persons.get(label)
+            if row is None:  # a new identifier, alone
+                node = info[label]
+                counts = {node.type: 1} if node.type in policy.limits.type_limits else {}
+                return Component(1, 0, counts, Anchor(node.first_seen_us, node.priority, node.type, node.value),
+                                 label, {label} if label in pins.pinned_nodes else set())
+            anchor_pk = row.anchor_pk
+            anchor_info = info.get(anchor_pk) or anchors[anchor_pk]
+            return Component(row.size, row.merges, dict(row.type_counts),
+                             Anchor(anchor_info.first_seen_us, anchor_info.priority, anchor_info.type,
+                                    anchor_info.value), anchor_pk,
+                             set(pins.pinned_by_person.get(label, ())))
+
+        uf = GuardedUnionFind(policy.limits, component_of, pins.pin_map)
+        for pk, first in lowered_first_seen.items():
+            comp = uf.components[uf.find(label_of[pk])]
+            node = info[pk]
+            candidate = Anchor(first, node.priority, node.type, node.value)
+            if candidate < comp.anchor:
+                comp.anchor, comp.anchor_node = candidate, pk
+
+        # Links of the batch, keyed by pair; an existing pair is only a new sighting of it.
+        priority_of = {t.name: t.priority for t in policy.types}
+        pending: dict[tuple[int, int], _Pending] = {}
+        link_index: list[list[tuple[int, int, Identifier, Identifier]]] = [[] for _ in sightings]
+        for s_index, sighting in enumerate(sightings):
+            for strong, partner, rank in sighting.star(priority_of):
+                a, b = pk_of[strong], pk_of[partner]
+                pair = (a, b) if a < b else (b, a)
+                link_index[s_index].append((*pair, strong, partner))
+                key = LinkKey(sighting.occurred_us, sighting.event_id, rank)
+                candidate = _Pending(key, pair[0], pair[1], sighting.forced, s_index, sighting.source,
+                                     sighting.request_id, sighting.operator)
+                known = pending.get(pair)
+                if known is None or key < known.key:
+                    pending[pair] = candidate
+        stored_links = self._load_links(session, [p for p in pending if p[0] < next_pk and p[1] < next_pk])
+        resighted: list[dict[str, Any]] = []
+        for pair, (link_id, stored_key, _decision) in stored_links.items():
+            occurrence = pending[pair]
+            resighted.append({"id": link_id, "last_us": occurrence.key.occurred_us})
+            if occurrence.key < stored_key:
+                occurrence.existing_link = link_id  # earlier evidence of a known pair: late by definition
+            else:
+                del pending[pair]
+
+        outcomes: dict[tuple[int, int], Outcome] = {}
+        merged_existing: list[tuple[_Pending, Outcome, int, int]] = []
+        ordered = sorted(pending.values(), key=lambda p: (p.key, *sorted(((info[p.a].type, info[p.a].value),
+                                                                             (info[p.b].type, info[p.b].value)))))
+        for link in ordered:
+            la, lb = label_of[link.a], label_of[link.b]
+            ca = clusters.find(person_cluster[uf.find(la)])  # type: ignore[index]
+            cb = clusters.find(person_cluster[uf.find(lb)])  # type: ignore[index]
+            late = link.existing_link is not None or ca in clusters.dirty or cb in clusters.dirty or \
+                link.key <= max(clusters.max_key[ca], clusters.max_key[cb])
+            root = clusters.union(ca, cb, link.key)
+            if late:
+                clusters.dirty.add(root)
+                continue
+            ra, rb = uf.find(la), uf.find(lb)
+            both_stored = ra in persons and rb in persons
+            outcome = uf.link(la, lb, forced=link.forced)
+            outcomes[(link.a, link.b)] = outcome
+            if outcome.winner is not None:
+                person_cluster[outcome.winner] = root  # type: ignore[index]
+                if both_stored:
+                    merged_existing.append((link, outcome, int(ra), int(rb)))  # type: ignore[call-overload]
+            else:
+                person_cluster[int(ra)] = root  # type: ignore[call-overload]
+                person_cluster[int(rb)] = root  # type: ignore[call-overload]
+
+        # -- write ----------------------------------------------------------------------
+        final_label = {pk: int(uf.find(label_of[pk])) for pk in info}  # type: ignore[call-overload]
+        if new_idents:
+            session.execute(insert(IdentifierRow), [
+                {"id": pk_of[ident], "type": ident.type, "value": ident.value,
+                 "person_pk": final_label[pk_of[ident]], "first_seen_us": seen_at[ident],
+                 "person_ref": person_id_for(ident.type, ident.value),
+                 "match_keys": {k.platform_key: k.value for k in normalized[ident].match_keys} or None}
+                for ident in new_idents
+            ])
+        if lowered_first_seen:
+            session.execute(update(IdentifierRow), [{"id": pk, "first_seen_us": us}
+                                                    for pk, us in lowered_first_seen.items()])
+        self._add_match_keys(session, existing, normalized)
+
+        old_person_ids = {pk: row.person_id for pk, row in persons.items()}
+        for old_pk in persons:
+            new_label = int(uf.find(old_pk))  # type: ignore[call-overload]
+            if new_label != old_pk:
+                session.execute(update(IdentifierRow).where(IdentifierRow.person_pk == old_pk)
+                                .values(person_pk=new_label))
+                session.execute(delete(PersonRow).where(PersonRow.id == old_pk))
+
+        person_rows = []
+        touched_roots = {final_label[pk] for pk in info}
+        for root in touched_roots:
+            comp = uf.components[root]
+            cluster = clusters.find(person_cluster.get(root, root))
+            anchor_info = info.get(comp.anchor_node) or anchors[comp.anchor_node]  # type: ignore[index]
+            person_rows.append({
+                "id": root, "person_id": person_id_for(anchor_info.type, anchor_info.value),
+                "anchor_pk": comp.anchor_node, "size": comp.size, "merges": comp.merges,
+                "type_counts": dict(sorted(comp.counts.items())), "pinned": len(comp.pinned),
+                "cluster_pk": cluster, "updated_at": now,
+            })
+        existing_roots = [r for r in person_rows if r["id"] in persons]
+        fresh_roots = [dict(r, created_at=now) for r in person_rows if r["id"] not in persons]
+        if existing_roots:
+            session.execute(update(PersonRow), existing_roots)
+        if fresh_roots:
+            session.execute(insert(PersonRow), fresh_roots)
+
+        # Clusters: relabel persons of clusters absorbed by another, upsert the survivors.
+        for label in list(clusters.parent):
+            root = clusters.find(label)
+            if label != root and label in clusters.original:
+                session.execute(update(PersonRow).where(PersonRow.cluster_pk == label).values(cluster_pk=root))
+                session.execute(delete(ClusterRow).where(ClusterRow.id == label))
+        cluster_updates, cluster_inserts = [], []
+        for label in {clusters.find(label) for label in clusters.parent}:
+            key = clusters.max_key[label]
+            row = {"id": label, "max_us": key.occurred_us, "max_event": key.event_id, "max_rank": key.rank}
+            (cluster_updates if label in clusters.original else cluster_inserts).append(row)
+        if cluster_updates:
+            session.execute(update(ClusterRow), cluster_updates)
+        if cluster_inserts:
+            session.execute(insert(ClusterRow), cluster_inserts)
+
+        link_inserts, link_updates, history = [], [], []
+        for pair, link in pending.items():
+            outcome = outcomes.get(pair)
+            decision, reason, detail = (outcome.decision.value, str(outcome.reason), outcome.detail) \
+                if outcome else ("pending", "", "")
+            fields = {"occurred_us": link.key.occurred_us, "event_id": link.key.event_id, "rank": link.key.rank,
+                      "source": link.source, "request_id": link.request_id, "forced": link.forced,
+                      "operator": link.operator, "decision": decision, "reason": reason, "detail": detail}
+            if link.existing_link is not None:
+                link_updates.append({"id": link.existing_link, **fields})
+            else:
+                link_inserts.append({"a_pk": pair[0], "b_pk": pair[1], "times_seen": 1,
+                                     "last_seen_us": link.key.occurred_us, **fields})
+            if outcome is not None and outcome.decision is Decision.REFUSED:
+                history.append(self._history("REFUSED", link, pair, now, reason=reason, detail=detail))
+            if outcome is not None and outcome.decision is Decision.FORCED:
+                history.append(self._history("FORCED_MERGE", link, pair, now, detail="operator merge"))
+        for link, _outcome, ra, rb in merged_existing:
+            entry = self._history("MERGED", link, (link.a, link.b), now,
+                                  detail="two persons were joined by this link")
+            entry["related_person_ids"] = sorted({old_person_ids[ra], old_person_ids[rb]})
+            history.append(entry)
+        if link_inserts:
+            session.execute(insert(LinkRow), link_inserts)
+        if link_updates:
+            session.execute(update(LinkRow), link_updates)
+        if resighted:
+            self._bump_times_seen(session, resighted)
+
+        for s_index, sighting in enumerate(sightings):
+            primary = link_index[s_index][0][2] if link_index[s_index] else \
+                (sighting.identifiers[0].identifier if sighting.identifiers else None)
+            for ignored in results[s_index].ignored:
+                if primary is None:
+                    continue
+                history.append({
+                    "kind": "IDENTIFIER_IGNORED", "occurred_us": sighting.occurred_us, "recorded_at": now,
+                    "a_pk": pk_of[primary], "b_pk": None, "reason": ignored.reason, "detail": ignored.detail,
+                    "event_id": sighting.event_id, "source": sighting.source, "operator": sighting.operator,
+                    "person_id": "", "related_person_ids": [],
+                    "subject": {"type": ignored.type, "value": ignored.value},
+                })
+        if history:
+            session.execute(insert(HistoryRow), history)
+
+        if clusters.dirty:
+            self.resolve_clusters(session, policy, {clusters.find(c) for c in clusters.dirty}, reason="late evidence")
+
+        # Results: the person of each sighting's strongest identifier and each link's decision.
+        decided = self._load_decisions(session, [pair for rows in link_index for pair in
+                                                 ((r[0], r[1]) for r in rows)])
+        primaries = {}
+        for s_index, sighting in enumerate(sightings):
+            if link_index[s_index]:
+                primaries[s_index] = pk_of[link_index[s_index][0][2]]
+            elif sighting.identifiers:
+                primaries[s_index] = pk_of[sighting.identifiers[0].identifier]
+        person_of = self._person_pks(session, list(set(primaries.values())))
+        for s_index, result in enumerate(results):
+            if s_index in primaries:
+                result.person_pk = person_of[primaries[s_index]]
+            for a, b, strong, partner in link_index[s_index]:
+                decision, reason, detail = decided[(a, b)]
+                result.links.append(LinkResult(strong, partner, Decision(decision), reason, detail))
+        return results
+
+    # -- slow path ------------------------------------------------------------------------
+
+    def resolve_clusters(self, session: Session, policy: CompiledPolicy, cluster_pks: Iterable[int],
+                         *, reason: str, operator: str = "") -> list[int]:
+        """Re-resolve the persons of ``cluster_pks`` from their stored evidence; return the
+        person pks that exist afterwards in those clusters."""
+        cluster_pks = sorted(set(cluster_pks))
+        person_pks = [pk for chunk in _chunks(cluster_pks) for pk in session.execute(
+            select(PersonRow.id).where(PersonRow.cluster_pk.in_(chunk))).scalars()]
+        node_rows = [row for chunk in _chunks(person_pks) for row in session.execute(
+            select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value, IdentifierRow.first_seen_us,
+                   IdentifierRow.person_pk).where(IdentifierRow.person_pk.in_(chunk)))]
+        return self._resolve_nodes(session, policy, node_rows, person_pks, cluster_pks, reason=reason,
+                                   operator=operator)
+
+    def _resolve_nodes(self, session: Session, policy: CompiledPolicy, node_rows: Sequence[Any],
+                       old_person_pks: Sequence[int], old_cluster_pks: Sequence[int], *, reason: str,
+                       operator: str) -> list[int]:
+        now = _now()
+        nodes = {r.id: NodeInfo(r.type, r.value, r.first_seen_us, policy.priority(r.type)) for r in node_rows}
+        old_label = {r.id: r.person_pk for r in node_rows}
+        old_person_ids = dict(session.execute(
+            select(PersonRow.id, PersonRow.person_id).where(PersonRow.id.in_(list(old_person_pks))))
+            .tuples().all()) if old_person_pks else {}
+        ids = list(nodes)
+        link_rows = [row for chunk in _chunks(ids) for row in session.execute(
+            select(LinkRow.id, LinkRow.a_pk, LinkRow.b_pk, LinkRow.occurred_us, LinkRow.event_id, LinkRow.rank,
+                   LinkRow.forced, LinkRow.decision, LinkRow.reason).where(LinkRow.a_pk.in_(chunk)))]
+        link_rows = [r for r in link_rows if r.b_pk in nodes]
+        pin_rows = [row for chunk in _chunks(ids) for row in session.execute(
+            select(PinRow.a_pk, PinRow.b_pk).where(PinRow.a_pk.in_(chunk)))]
+        stored = {(r.a_pk, r.b_pk): r for r in link_rows}
+        result = replay(nodes, [StoredLink(LinkKey(r.occurred_us, r.event_id, r.rank), r.a_pk, r.b_pk, r.forced)
+                                for r in link_rows], policy.limits,
+                        [(r.a_pk, r.b_pk) for r in pin_rows if r.b_pk in nodes])
+        # New labels: the smallest identifier pk of each person / cluster (deterministic).
+        members: dict[int, list[int]] = {}
+        for node in nodes:
+            members.setdefault(result.label_of(node), []).append(node)
+        person_label = {root: min(nodes_) for root, nodes_ in members.items()}
+        cluster_of = connected_clusters(nodes, ((r.a_pk, r.b_pk) for r in link_rows))
+        cluster_key: dict[int, LinkKey] = {}
+        for r in link_rows:
+            c = cluster_of[r.a_pk]
+            key = LinkKey(r.occurred_us, r.event_id, r.rank)
+            if key > cluster_key.get(c, NO_LINK):
+                cluster_key[c] = key
+
+        for chunk in _chunks(list(old_person_pks)):
+            session.execute(delete(PersonRow).where(PersonRow.id.in_(chunk)))
+        for chunk in _chunks(list(old_cluster_pks)):
+            session.execute(delete(ClusterRow).where(ClusterRow.id.in_(chunk)))
+        relabel = [{"id": n, "person_pk": person_label[result.label_of(n)]} for n in nodes
+                   if person_label[result.label_of(n)] != old_label[n]]
+        if relabel:
+            session.execute(update(IdentifierRow), relabel)
+        person_rows = []
+        for root, comp in result.components().items():
+            label = person_label[root]
+            anchor = nodes[comp.anchor_node]  # type: ignore[index]
+            person_rows.append({
+                "id": label, "person_id": person_id_for(anchor.type, anchor.value), "anchor_pk": comp.anchor_node,
+                "size": comp.size, "merges": comp.merges, "type_counts": dict(sorted(comp.counts.items())),
+                "pinned": len(comp.pinned), "cluster_pk": cluster_of[label], "created_at": now, "updated_at": now,
+            })
+        if person_rows:
+            session.execute(insert(PersonRow), person_rows)
+        cluster_rows = [{"id": c, "max_us": k.occurred_us, "max_event": k.event_id, "max_rank": k.rank}
+                        for c, k in ((c, cluster_key.get(c, NO_LINK)) for c in set(cluster_of.values()))]
+        if cluster_rows:
+            session.execute(insert(ClusterRow), cluster_rows)
+        changed = []
+        for link, outcome in result.outcomes:
+            row = stored[(link.a, link.b)]
+            if row.decision != outcome.decision.value or row.reason != str(outcome.reason):
+                changed.append({"id": row.id, "decision": outcome.decision.value, "reason": str(outcome.reason),
+                                "detail": outcome.detail})
+        if changed:
+            session.execute(update(LinkRow), changed)
+        # History: every person whose membership differs from before was re-resolved.
+        history = []
+        before: dict[int, set[int]] = {}
+        for node, label in old_label.items():
+            before.setdefault(label, set()).add(node)
+        before_sets = {frozenset(v) for v in before.values()}
+        for root, nodes_ in members.items():
+            if frozenset(nodes_) in before_sets:
+                continue
+            comp = result.components()[root]
+            previous = sorted({old_person_ids[old_label[n]] for n in nodes_ if old_label[n] in old_person_ids})
+            anchor = nodes[comp.anchor_node]  # type: ignore[index]
+            history.append({
+                "kind": "RE_RESOLVED", "occurred_us": int(now.timestamp() * 1_000_000), "recorded_at": now,
+                "a_pk": comp.anchor_node, "b_pk": None, "person_id": person_id_for(anchor.type, anchor.value),
+                "related_person_ids": previous, "reason": reason.upper().replace(" ", "_"),
+                "detail": f"re-resolved from stored evidence ({reason}); {len(nodes_)} identifiers",
+                "operator": operator, "event_id": "", "source": "", "subject": None,
+            })
+        if history:
+            session.execute(insert(HistoryRow), history)
+        return sorted(person_label.values())
+
+    # -- rebuild ---------------------------------------------------------------------------
+
+    def rebuild(self, session: Session, policy: CompiledPolicy) -> RebuildStats:
+        """Re-derive every person, cluster and link decision from the stored evidence."""
+        self.db.advisory_lock(session, GRAPH_LOCK)
+        started = _now()
+        node_rows = session.execute(select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value,
+                                           IdentifierRow.first_seen_us, IdentifierRow.person_pk)).all()
+        priority = {t.name: t.priority for t in policy.types}
+        nodes = {r[0]: NodeInfo(r[1], r[2], r[3], priority.get(r[1], 10_000)) for r in node_rows}
+        old_label = {r[0]: r[4] for r in node_rows}
+        del node_rows
+        link_rows = session.execute(select(LinkRow.id, LinkRow.a_pk, LinkRow.b_pk, LinkRow.occurred_us,
+                                           LinkRow.event_id, LinkRow.rank, LinkRow.forced, LinkRow.decision,
+                                           LinkRow.reason)).all()
+        links = [StoredLink(LinkKey(r[3], r[4], r[5]), r[1], r[2], r[6]) for r in link_rows]
+        links.sort(key=lambda l: l.sort_key(nodes))
+        pins = session.execute(select(PinRow.a_pk, PinRow.b_pk)).tuples().all()
+        result = replay(nodes, links, policy.limits, pins, presorted=True)
+        members_min: dict[int, int] = {}
+        label_of_node = {}
+        for node in nodes:
+            root = result.label_of(node)
+            label_of_node[node] = root
+            if node < members_min.get(root, node + 1):
+                members_min[root] = node
+        cluster_of = connected_clusters(nodes, ((l.a, l.b) for l in links))
+        cluster_key: dict[int, LinkKey] = {}
+        for l in links:
+            c = cluster_of[l.a]
+            if l.key > cluster_key.get(c, NO_LINK):
+                cluster_key[c] = l.key
+        session.execute(delete(PersonRow))
+        session.execute(delete(ClusterRow))
+        relabel = [{"id": n, "person_pk": members_min[label_of_node[n]]} for n in nodes
+                   if members_min[label_of_node[n]] != old_label[n]]
+        for chunk in _chunks(relabel, 50_000):
+            session.execute(update(IdentifierRow), list(chunk))
+        now = _now()
+        person_rows = []
+        for root, comp in result.components().items():
+            anchor = nodes[comp.anchor_node]  # type: ignore[index]
+            label = members_min[root]  # type: ignore[index]
+            person_rows.append({
+                "id": label, "person_id": person_id_for(anchor.type, anchor.value), "anchor_pk": comp.anchor_node,
+                "size": comp.size, "merges": comp.merges, "type_counts": comp.counts, "pinned": len(comp.pinned),
+                "cluster_pk": cluster_of[label], "created_at": now, "updated_at": now,
+            })
+        for chunk in _chunks(person_rows, 50_000):
+            session.execute(insert(PersonRow), list(chunk))
+        cluster_rows = [{"id": c, "max_us": k.occurred_us, "max_event": k.event_id, "max_rank": k.rank}
+                        for c, k in ((c, cluster_key.get(c, NO_LINK)) for c in set(cluster_of.values()))]
+        for chunk in _chunks(cluster_rows, 50_000):
+            session.execute(insert(ClusterRow), list(chunk))
+        stored = {(r[1], r[2]): r for r in link_rows}
+        changed = []
+        for link, outcome in result.outcomes:
+            row = stored[(link.a, link.b)]
+            if row[7] != outcome.decision.value or row[8] != str(outcome.reason):
+                changed.append({"id": row[0], "decision": outcome.decision.value, "reason": str(outcome.reason),
+                                "detail": outcome.detail})
+        for chunk in _chunks(changed, 50_000):
+            session.execute(update(LinkRow), list(chunk))
+        return RebuildStats(identifiers=len(nodes), links=len(links), persons=len(person_rows),
+                            relabelled=len(relabel), decisions_changed=len(changed),
+                            seconds=(_now() - started).total_seconds())
+
+    # -- loading helpers ---------------------------------------------------------------------
+
+    def _drop_erased(self, session: Session, sightings: Sequence[Sighting],
+                     results: list[SightingResult]) -> list[Sighting]:
+        if session.execute(select(TombstoneRow.identifier_hash).limit(1)).first() is None:
+            return list(sightings)
+        hashes = {n.identifier: identifier_hash(n.identifier.type, n.identifier.value)
+                  for s in sightings for n in s.identifiers}
+        erased: dict[str, int] = {}
+        for chunk in _chunks(list(set(hashes.values()))):
+            erased.update(session.execute(select(TombstoneRow.identifier_hash, TombstoneRow.erased_us)
+                                          .where(TombstoneRow.identifier_hash.in_(chunk))).tuples().all())
+        if not erased:
+            return list(sightings)
+        kept = []
+        for index, sighting in enumerate(sightings):
+            keep = []
+            for n in sighting.identifiers:
+                erased_us = erased.get(hashes[n.identifier])
+                if erased_us is not None and sighting.occurred_us <= erased_us:
+                    results[index].ignored.append(Ignored(-1, n.identifier.type, "ERASED",
+                                                          "this identifier was erased; evidence from before "
+                                                          "the erasure cannot bring it back", None))
+                else:
+                    keep.append(n)
+            kept.append(Sighting(tuple(keep), sighting.occurred_us, sighting.event_id, sighting.source,
+                                 sighting.request_id, sighting.forced, sighting.operator, sighting.ignored))
+        return kept
+
+    @staticmethod
+    def _load_identifiers(session: Session, idents: Sequence[Identifier]) -> dict[Identifier, tuple[int, int, int, Any]]:
+        found: dict[Identifier, tuple[int, int, int, Any]] = {}
+        for chunk in _chunks(list(idents), 300):
+            rows = session.execute(
+                select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value, IdentifierRow.person_pk,
+                       IdentifierRow.first_seen_us, IdentifierRow.match_keys)
+                .where(tuple_(IdentifierRow.type, IdentifierRow.value).in_([(i.type, i.value) for i in chunk])))
+            for row in rows:
+                found[Identifier(row.type, row.value)] = (row.id, row.person_pk, row.first_seen_us, row.match_keys)
+        return found
+
+    @staticmethod
+    def _load_persons(session: Session, person_pks: set[int]) -> dict[int, PersonRow]:
+        persons: dict[int, PersonRow] = {}
+        for chunk in _chunks(sorted(person_pks)):
+            for row in session.execute(select(PersonRow).where(PersonRow.id.in_(chunk))).scalars():
+                persons[row.id] = row
+        for row in persons.values():
+            session.expunge(row)
+        return persons
+
+    @staticmethod
+    def _load_clusters(session: Session, cluster_pks: set[int]) -> dict[int, ClusterRow]:
+        clusters: dict[int, ClusterRow] = {}
+        for chunk in _chunks(sorted(cluster_pks)):
+            for row in session.execute(select(ClusterRow).where(ClusterRow.id.in_(chunk))).scalars():
+                clusters[row.id] = row
+        return clusters
+
+    @staticmethod
+    def _load_anchor_infos(session: Session, persons: dict[int, PersonRow]) -> dict[int, NodeInfo]:
+        anchors: dict[int, NodeInfo] = {}
+        pks = sorted({p.anchor_pk for p in persons.values()})
+        for chunk in _chunks(pks):
+            for row in session.execute(select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value,
+                                              IdentifierRow.first_seen_us).where(IdentifierRow.id.in_(chunk))):
+                anchors[row.id] = NodeInfo(row.type, row.value, row.first_seen_us, 0)
+        # Priority is policy, not storage: fill it in by type.
+        return anchors
+
+    def _load_pins(self, session: Session, pinned_persons: Sequence[int]) -> _Pins:
+        pins = _Pins()
+        if not pinned_persons:
+            return pins
+        members = [row for chunk in _chunks(list(pinned_persons)) for row in session.execute(
+            select(IdentifierRow.id, IdentifierRow.person_pk).where(IdentifierRow.person_pk.in_(chunk)))]
+        ids = [m.id for m in members]
+        for chunk in _chunks(ids):
+            for a, b in session.execute(select(PinRow.a_pk, PinRow.b_pk).where(
+                    PinRow.a_pk.in_(chunk) | PinRow.b_pk.in_(chunk))).tuples():
+                pins.pin_map.setdefault(a, set()).add(b)
+                pins.pin_map.setdefault(b, set()).add(a)
+        person_of = {m.id: m.person_pk for m in members}
+        for node in pins.pin_map:
+            if node in person_of:
+                pins.pinned_by_person.setdefault(person_of[node], set()).add(node)
+            pins.pinned_nodes.add(node)
+        return pins
+
+    @staticmethod
+    def _load_links(session: Session, pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, LinkKey, str]]:
+        found = {}
+        for chunk in _chunks(list(pairs), 300):
+            for row in session.execute(select(LinkRow.id, LinkRow.a_pk, LinkRow.b_pk, LinkRow.occurred_us,
+                                              LinkRow.event_id, LinkRow.rank, LinkRow.decision)
+                                       .where(tuple_(LinkRow.a_pk, LinkRow.b_pk).in_(list(chunk)))):
+                found[(row.a_pk, row.b_pk)] = (row.id, LinkKey(row.occurred_us, row.event_id, row.rank), row.decision)
+        return found
+
+    @staticmethod
+    def _load_decisions(session: Session, pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[str, str, str]]:
+        found = {}
+        for chunk in _chunks(sorted(set(pairs)), 300):
+            for row in session.execute(select(LinkRow.a_pk, LinkRow.b_pk, LinkRow.decision, LinkRow.reason,
+                                              LinkRow.detail)
+                                       .where(tuple_(LinkRow.a_pk, LinkRow.b_pk).in_(list(chunk)))):
+                found[(row.a_pk, row.b_pk)] = (row.decision, row.reason, row.detail)
+        return found
+
+    @staticmethod
+    def _person_pks(session: Session, identifier_pks: Sequence[int]) -> dict[int, int]:
+        found: dict[int, int] = {}
+        for chunk in _chunks(list(identifier_pks)):
+            found.update(session.execute(select(IdentifierRow.id, IdentifierRow.person_pk)
+                                         .where(IdentifierRow.id.in_(chunk))).tuples().all())
+        return found
+
+    @staticmethod
+    def _add_match_keys(session: Session, existing: dict[Identifier, tuple[int, int, int, Any]],
+                        normalized: dict[Identifier, NormalizedIdentifier]) -> None:
+        updates = []
+        for ident, (pk, _person, _seen, stored) in existing.items():
+            keys = {k.platform_key: k.value for k in normalized[ident].match_keys}
+            if keys and keys != (stored or {}):
+                updates.append({"id": pk, "match_keys": {**(stored or {}), **keys}})
+        if updates:
+            session.execute(update(IdentifierRow), updates)
+
+    @staticmethod
+    def _bump_times_seen(session: Session, resighted: list[dict[str, Any]]) -> None:
+        for row in resighted:
+            session.execute(update(LinkRow).where(LinkRow.id == row["id"]).values(
+                times_seen=LinkRow.times_seen + 1, last_seen_us=func.max(LinkRow.last_seen_us, row["last_us"])
+                if False else LinkRow.last_seen_us))
+            session.execute(update(LinkRow).where(LinkRow.id == row["id"], LinkRow.last_seen_us < row["last_us"])
+                            .values(last_seen_us=row["last_us"]))
+
+    @staticmethod
+    def _history(kind: str, link: _Pending, pair: tuple[int, int], now: datetime, *, reason: str = "",
+                 detail: str = "") -> dict[str, Any]:
+        return {"kind": kind, "occurred_us": link.key.occurred_us, "recorded_at": now, "a_pk": pair[0],
+                "b_pk": pair[1], "person_id": "", "related_person_ids": [], "reason": reason, "detail": detail,
+                "operator": link.operator, "event_id": link.key.event_id, "source": link.source, "subject": None}
+
+
+@dataclass
+class _Pins:
+    pin_map: dict[int, set[int]] = field(default_factory=dict)
+    pinned_by_person: dict[int, set[int]] = field(default_factory=dict)
+    pinned_nodes: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class RebuildStats:
+    identifiers: int
+    links: int
+    persons: int
+    relabelled: int
+    decisions_changed: int
+    seconds: float

@@ -1,0 +1,410 @@
+"""Identity operations: the domain API that servicers, jobs and benchmarks call.
+
+Each method takes the caller's session, so its effects commit with the caller's
+transaction (and with the idempotency record of the request that caused them).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from identity.graph import person_id_for
+from identity.graph_store import GRAPH_LOCK, IdentityGraph, RebuildStats, SightingResult, identifier_hash
+from identity.identifiers import Identifier
+from identity.models import (
+    ErasureRow,
+    HistoryRow,
+    IdentifierRow,
+    LinkRow,
+    PersonRow,
+    PinRow,
+    PolicyRow,
+    TombstoneRow,
+)
+from identity.policy import CompiledPolicy, IdentityPolicy
+from identity.queries import erasure_view, person_pk_by_identifier, person_view, require_person_pk
+from identity.sightings import Sighting, derived_event_id, prepare_identifiers, to_micros
+from identity.views import ErasureView, IdentifyOutcome, IgnoredView, LinkOutcomeView, PersonView
+from stitchgraph.db import Database
+from stitchgraph.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+
+MAX_IDENTIFIERS_PER_CALL = 50
+
+
+@dataclass(frozen=True)
+class RawSighting:
+    """Identifiers as a caller sent them, seen together once."""
+
+    identifiers: Sequence[tuple[str, str]]
+    occurred_at: datetime | None = None
+    source: str = ""
+    event_id: str = ""
+    request_id: str = ""
+
+
+class IdentityOperations:
+    """The identity graph's use cases over one database."""
+
+    def __init__(self, db: Database, seed_policy: IdentityPolicy | None = None) -> None:
+        self.db = db
+        self.graph = IdentityGraph(db)
+        self._seed_policy = seed_policy or IdentityPolicy()
+        self._compiled: CompiledPolicy | None = None
+        self._compiled_etag = ""
+        self._lock = threading.Lock()
+
+    # -- policy ---------------------------------------------------------------------------
+
+    def policy(self, session: Session) -> CompiledPolicy:
+        """The policy in force (seeded from configuration on first use), compiled once per version."""
+        row = session.get(PolicyRow, 1)
+        if row is None:
+            policy = self._seed_policy
+            session.add(PolicyRow(id=1, policy=policy.to_dict(), etag=policy.etag, updated_at=datetime.now(UTC)))
+            session.flush()
+            etag = policy.etag
+        else:
+            etag = row.etag
+            policy = None  # type: ignore[assignment]
+        with self._lock:
+            if self._compiled is None or self._compiled_etag != etag:
+                if policy is None:
+                    assert row is not None
+                    policy = IdentityPolicy.from_dict(row.policy)
+                self._compiled = CompiledPolicy.build(policy)
+                self._compiled_etag = etag
+            return self._compiled
+
+    def update_policy(self, session: Session, policy: IdentityPolicy, *, etag: str, operator: str) -> tuple[
+            IdentityPolicy, RebuildStats]:
+        """Store ``policy`` and apply it to existing evidence (retroactive blocklist, new limits).
+
+        Raises :class:`Aborted` when ``etag`` is given and stale.
+        """
+        self.db.advisory_lock(session, GRAPH_LOCK)
+        current = self.policy(session)
+        if etag and etag != current.policy.etag:
+            raise Aborted("the identity policy changed since it was read; read it again and retry",
+                          reason="STALE_ETAG")
+        row = session.get(PolicyRow, 1)
+        assert row is not None
+        row.policy, row.etag, row.updated_at = policy.to_dict(), policy.etag, datetime.now(UTC)
+        session.flush()
+        compiled = self.policy(session)
+        self._drop_blocklisted(session, compiled, operator)
+        stats = self.graph.rebuild(session, compiled)
+        return policy, stats
+
+    def preview_policy(self, session: Session, policy: IdentityPolicy) -> PolicyPreview:
+        """What :meth:`update_policy` would change, computed without writing anything."""
+        compiled = CompiledPolicy.build(policy)
+        ignored = sum(1 for row in session.execute(select(IdentifierRow.type, IdentifierRow.value))
+                      if compiled.blocklist.match(row.type, row.value) is not None)
+        before = self._partition(session)
+        # Replay in a nested transaction that is rolled back: the store is unchanged.
+        nested = session.begin_nested()
+        try:
+            self._drop_blocklisted(session, compiled, "preview")
+            self.graph.rebuild(session, compiled)
+            after = self._partition(session)
+        finally:
+            nested.rollback()
+        changed = []
+        groups_after: dict[str, set[str]] = {}
+        for key, person in after.items():
+            groups_after.setdefault(person, set()).add(key)
+        groups_before: dict[str, set[str]] = {}
+        for key, person in before.items():
+            groups_before.setdefault(person, set()).add(key)
+        split = 0
+        for person, keys in groups_before.items():
+            resulting = {after[k] for k in keys if k in after}
+            if len(resulting) > 1:
+                split += 1
+                changed.append(PersonChangeView(person, "SPLIT", tuple(sorted(resulting))))
+            elif resulting and (groups_after[next(iter(resulting))] != keys or next(iter(resulting)) != person):
+                changed.append(PersonChangeView(person, "CHANGED", tuple(sorted(resulting))))
+            elif not resulting:
+                changed.append(PersonChangeView(person, "IDENTIFIERS_REMOVED", ()))
+        return PolicyPreview(persons_evaluated=len(groups_before), persons_split=split,
+                             persons_changed=len(changed), identifiers_newly_ignored=ignored,
+                             sample=tuple(changed[:50]))
+
+    @staticmethod
+    def _partition(session: Session) -> dict[str, str]:
+        return {f"{r.type}:{r.value}": r.person_id for r in session.execute(
+            select(IdentifierRow.type, IdentifierRow.value, PersonRow.person_id)
+            .join(PersonRow, PersonRow.id == IdentifierRow.person_pk))}
+
+    def _drop_blocklisted(self, session: Session, policy: CompiledPolicy, operator: str) -> None:
+        doomed = [row for row in session.execute(select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value))
+                  if policy.blocklist.match(row.type, row.value) is not None]
+        if not doomed:
+            return
+        ids = [row.id for row in doomed]
+        for start in range(0, len(ids), 400):
+            chunk = ids[start:start + 400]
+            session.execute(delete(LinkRow).where(or_(LinkRow.a_pk.in_(chunk), LinkRow.b_pk.in_(chunk))))
+            session.execute(delete(PinRow).where(or_(PinRow.a_pk.in_(chunk), PinRow.b_pk.in_(chunk))))
+            session.execute(delete(IdentifierRow).where(IdentifierRow.id.in_(chunk)))
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    def identify(self, session: Session, sighting: RawSighting, *, forced: bool = False,
+                 operator: str = "") -> IdentifyOutcome:
+        """Submit identifiers seen together; return the person of the strongest one."""
+        return self.observe(session, [sighting], forced=forced, operator=operator)[0]
+
+    def observe(self, session: Session, raw: Sequence[RawSighting], *, forced: bool = False,
+                operator: str = "", field_prefix: str = "") -> list[IdentifyOutcome]:
+        """Submit a batch of sightings in one transaction; one outcome per sighting.
+
+        Raises :class:`InvalidArgument` (nothing stored) when any identifier is invalid.
+        """
+        policy = self.policy(session)
+        sightings = [self._sighting(policy, item, i, field_prefix, forced, operator, len(raw) > 1)
+                     for i, item in enumerate(raw)]
+        results = self.graph.observe(session, policy, sightings)
+        return [self._outcome(session, result) for result in results]
+
+    def observe_results(self, session: Session, raw: Sequence[RawSighting]) -> list[SightingResult]:
+        """Like :meth:`observe` but returns the graph's raw results (no person views); for bulk loads."""
+        policy = self.policy(session)
+        sightings = [self._sighting(policy, item, i, "", False, "", len(raw) > 1) for i, item in enumerate(raw)]
+        return self.graph.observe(session, policy, sightings)
+
+    @staticmethod
+    def _sighting(policy: CompiledPolicy, item: RawSighting, index: int, field_prefix: str, forced: bool,
+                  operator: str, batched: bool) -> Sighting:
+        prefix = f"{field_prefix}[{index}]." if batched or field_prefix else ""
+        if not item.identifiers:
+            raise InvalidArgument.for_field(f"{prefix}identifiers", "at least one identifier is required")
+        if len(item.identifiers) > MAX_IDENTIFIERS_PER_CALL:
+            raise InvalidArgument.for_field(f"{prefix}identifiers",
+                                            f"at most {MAX_IDENTIFIERS_PER_CALL} identifiers per call")
+        if len(item.source) > 128:
+            raise InvalidArgument.for_field(f"{prefix}source", "must be at most 128 characters")
+        if len(item.event_id) > 256:
+            raise InvalidArgument.for_field(f"{prefix}event_id", "must be at most 256 characters")
+        normalized, ignored = prepare_identifiers(policy, item.identifiers, field_prefix=f"{prefix}identifiers")
+        occurred = item.occurred_at or datetime.now(UTC)
+        occurred_us = to_micros(occurred)
+        source = item.source or "api"
+        event_id = item.event_id or derived_event_id(source, occurred_us, [n.identifier for n in normalized])
+        return Sighting(tuple(normalized), occurred_us, event_id, source, item.request_id, forced, operator,
+                        tuple(ignored))
+
+    def _outcome(self, session: Session, result: SightingResult) -> IdentifyOutcome:
+        person = person_view(session, result.person_pk) if result.person_pk is not None else None
+        return IdentifyOutcome(
+            person=person,
+            ignored=tuple(IgnoredView(i.index, i.type, i.reason, i.detail) for i in result.ignored),
+            decisions=tuple(LinkOutcomeView(l.first, l.second, l.decision.value, l.reason, l.detail)
+                            for l in result.links),
+        )
+
+    # -- operators ------------------------------------------------------------------------
+
+    def merge(self, session: Session, person_ids: Sequence[str], *, operator: str, reason: str,
+              override_pins: bool, request_id: str = "") -> PersonView:
+        """Force two persons into one (audited); pins block it unless ``override_pins``."""
+        if len(person_ids) != 2:
+            raise InvalidArgument.for_field("names", "exactly two persons are required")
+        if not operator:
+            raise InvalidArgument.for_field("operator", "name the operator responsible for the merge")
+        self.db.advisory_lock(session, GRAPH_LOCK)
+        pks = [require_person_pk(session, pid, f"names[{i}]") for i, pid in enumerate(person_ids)]
+        if pks[0] == pks[1]:
+            return person_view(session, pks[0])
+        anchors = [session.get(PersonRow, pk).anchor_pk for pk in pks]  # type: ignore[union-attr]
+        members = [select(IdentifierRow.id).where(IdentifierRow.person_pk == pk).scalar_subquery() for pk in pks]
+        pinned = session.execute(select(PinRow.id).where(or_(
+            PinRow.a_pk.in_(members[0]) & PinRow.b_pk.in_(members[1]),
+            PinRow.a_pk.in_(members[1]) & PinRow.b_pk.in_(members[0])))).scalars().all()
+        if pinned and not override_pins:
+            raise FailedPrecondition("an operator split keeps these persons apart; set override_pins to merge anyway",
+                                     reason="PINNED_SPLIT")
+        if pinned:
+            session.execute(delete(PinRow).where(PinRow.id.in_(pinned)))
+            self._recount_pins(session, pks)
+        policy = self.policy(session)
+        a, b = sorted(anchors)
+        now_us = to_micros(datetime.now(UTC))
+        event_id = f"merge:{request_id or uuid.uuid4().hex}"
+        existing = session.execute(select(LinkRow).where(LinkRow.a_pk == a, LinkRow.b_pk == b)).scalar()
+        if existing is not None:
+            existing.forced, existing.operator = True, operator
+            session.flush()
+            cluster = session.get(PersonRow, pks[0]).cluster_pk  # type: ignore[union-attr]
+            self.graph.resolve_clusters(session, policy, [cluster], reason="operator merge", operator=operator)
+        else:
+            identifiers = session.execute(select(IdentifierRow.type, IdentifierRow.value)
+                                          .where(IdentifierRow.id.in_([a, b]))).all()
+            from identity.identifiers import NormalizedIdentifier
+
+            sighting = Sighting(tuple(NormalizedIdentifier(Identifier(r.type, r.value)) for r in identifiers),
+                                now_us, event_id, "operator", request_id, True, operator)
+            self.graph.observe(session, policy, [sighting])
+        session.add(HistoryRow(kind="FORCED_MERGE", occurred_us=now_us, recorded_at=datetime.now(UTC), a_pk=a, b_pk=b,
+                               person_id="", related_person_ids=sorted(person_ids), reason="OPERATOR",
+                               detail=reason, operator=operator, event_id=event_id, source="operator"))
+        survivor = session.execute(select(IdentifierRow.person_pk).where(IdentifierRow.id == a)).scalar_one()
+        return person_view(session, survivor)
+
+    def split(self, session: Session, person_id: str, *, detach: Sequence[Identifier],
+              remove_links: Sequence[tuple[Identifier, Identifier]], allow_remerge: bool, operator: str,
+              reason: str) -> list[PersonView]:
+        """Split a person by detaching identifiers and/or removing links, then re-resolve it.
+
+        With ``allow_remerge`` false (the default) the split is pinned: the removed links
+        stay as evidence but the identifiers can never again share a person. With it true,
+        the evidence itself is deleted and new evidence may join them again.
+        """
+        if not detach and not remove_links:
+            raise InvalidArgument.for_field("detach_identifiers", "name identifiers to detach or links to remove")
+        if not operator:
+            raise InvalidArgument.for_field("operator", "name the operator responsible for the split")
+        self.db.advisory_lock(session, GRAPH_LOCK)
+        pk = require_person_pk(session, person_id)
+        person = session.get(PersonRow, pk)
+        assert person is not None
+        members = {(r.type, r.value): r.id for r in session.execute(
+            select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value).where(IdentifierRow.person_pk == pk))}
+        detached = []
+        for i, identifier in enumerate(detach):
+            node = members.get((identifier.type, identifier.value))
+            if node is None:
+                raise InvalidArgument.for_field(f"detach_identifiers[{i}]", "is not an identifier of this person")
+            detached.append(node)
+        pairs = []
+        for i, (first, second) in enumerate(remove_links):
+            a, b = members.get((first.type, first.value)), members.get((second.type, second.value))
+            if a is None or b is None:
+                raise InvalidArgument.for_field(f"remove_links[{i}]", "both identifiers must belong to this person")
+            pairs.append((min(a, b), max(a, b)))
+        if len(detached) >= len(members):
+            raise InvalidArgument.for_field("detach_identifiers", "cannot detach every identifier of the person")
+        now = datetime.now(UTC)
+        if allow_remerge:
+            for node in detached:
+                session.execute(delete(LinkRow).where(or_(LinkRow.a_pk == node, LinkRow.b_pk == node)))
+            for a, b in pairs:
+                session.execute(delete(LinkRow).where(LinkRow.a_pk == a, LinkRow.b_pk == b))
+        else:
+            remainder = [n for n in members.values() if n not in detached]
+            anchor = person.anchor_pk if person.anchor_pk in remainder else self._earliest(session, remainder)
+            for node in detached:
+                pairs.append((min(node, anchor), max(node, anchor)))
+            for a, b in pairs:
+                if session.execute(select(PinRow.id).where(PinRow.a_pk == a, PinRow.b_pk == b)).first() is None:
+                    session.add(PinRow(a_pk=a, b_pk=b, operator=operator, reason=reason, created_at=now))
+            session.flush()
+        for a, b in pairs or [(n, n) for n in detached]:
+            session.add(HistoryRow(kind="SPLIT", occurred_us=to_micros(now), recorded_at=now, a_pk=a,
+                                   b_pk=b if b != a else None, person_id=person.person_id,
+                                   related_person_ids=[person.person_id], reason="OPERATOR", detail=reason,
+                                   operator=operator, event_id="", source="operator"))
+        session.flush()
+        self.graph.resolve_clusters(session, self.policy(session), [person.cluster_pk], reason="operator split",
+                                    operator=operator)
+        self._recount_pins(session, None)
+        after = sorted({session.execute(select(IdentifierRow.person_pk).where(IdentifierRow.id == n)).scalar_one()
+                        for n in members.values()})
+        return [person_view(session, p) for p in after]
+
+    def erase(self, session: Session, *, person_id: str | None, identifier: Identifier | None, operator: str,
+              reason: str) -> ErasureView:
+        """Erase a person: its identifiers, evidence and derived state go; tombstones (hashes)
+        stay so old evidence cannot resurrect it; an erasure job records what destinations
+        must be told."""
+        if not operator:
+            raise InvalidArgument.for_field("operator", "name the operator responsible for the erasure")
+        self.db.advisory_lock(session, GRAPH_LOCK)
+        if person_id:
+            pk = require_person_pk(session, person_id)
+        elif identifier is not None:
+            found = person_pk_by_identifier(session, identifier)
+            if found is None:
+                raise NotFound("identifier not found", reason="IDENTIFIER_NOT_FOUND", metadata={"field": "identifier"})
+            pk = found
+        else:
+            raise InvalidArgument.for_field("target", "name a person or an identifier")
+        person = session.get(PersonRow, pk)
+        assert person is not None
+        rows = session.execute(select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value)
+                               .where(IdentifierRow.person_pk == pk)).all()
+        ids = [r.id for r in rows]
+        hashes = sorted(identifier_hash(r.type, r.value) for r in rows)
+        now = datetime.now(UTC)
+        now_us = to_micros(now)
+        erasure_id = "er_" + uuid.uuid4().hex[:24]
+        for start in range(0, len(ids), 400):
+            chunk = ids[start:start + 400]
+            session.execute(delete(LinkRow).where(or_(LinkRow.a_pk.in_(chunk), LinkRow.b_pk.in_(chunk))))
+            session.execute(delete(PinRow).where(or_(PinRow.a_pk.in_(chunk), PinRow.b_pk.in_(chunk))))
+            session.execute(delete(HistoryRow).where(or_(HistoryRow.a_pk.in_(chunk), HistoryRow.b_pk.in_(chunk))))
+            session.execute(delete(IdentifierRow).where(IdentifierRow.id.in_(chunk)))
+        session.execute(delete(PersonRow).where(PersonRow.id == pk))
+        existing = set(session.execute(select(TombstoneRow.identifier_hash)
+                                       .where(TombstoneRow.identifier_hash.in_(hashes))).scalars())
+        for h in hashes:
+            if h in existing:
+                session.execute(update(TombstoneRow).where(TombstoneRow.identifier_hash == h)
+                                .values(erased_us=now_us, erasure_id=erasure_id))
+            else:
+                session.add(TombstoneRow(identifier_hash=h, erased_us=now_us, erasure_id=erasure_id))
+        row = ErasureRow(id=erasure_id, person_id=person.person_id, identifier_hashes=hashes, state="PENDING",
+                         operator=operator, reason=reason, created_at=now)
+        session.add(row)
+        session.flush()
+        self.graph.resolve_clusters(session, self.policy(session), [person.cluster_pk], reason="erasure",
+                                    operator=operator)
+        return erasure_view(row)
+
+    def rebuild(self, session: Session) -> RebuildStats:
+        return self.graph.rebuild(session, self.policy(session))
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _earliest(session: Session, nodes: Sequence[int]) -> int:
+        row = session.execute(select(IdentifierRow.id).where(IdentifierRow.id.in_(list(nodes)))
+                              .order_by(IdentifierRow.first_seen_us, IdentifierRow.id).limit(1)).scalar_one()
+        return int(row)
+
+    @staticmethod
+    def _recount_pins(session: Session, person_pks: Sequence[int] | None) -> None:
+        # Persons' "pinned" counts only gate a slow check; a recount keeps them exact.
+        query = select(PersonRow.id) if person_pks is None else select(PersonRow.id).where(
+            PersonRow.id.in_(list(person_pks)))
+        for pk in session.execute(query.where(PersonRow.pinned > 0) if person_pks is None else query).scalars():
+            members = select(IdentifierRow.id).where(IdentifierRow.person_pk == pk).scalar_subquery()
+            count = len(set(session.execute(select(PinRow.a_pk).where(PinRow.a_pk.in_(members))).scalars()) |
+                        set(session.execute(select(PinRow.b_pk).where(PinRow.b_pk.in_(members))).scalars()))
+            session.execute(update(PersonRow).where(PersonRow.id == pk).values(pinned=count))
+
+
+@dataclass(frozen=True)
+class PersonChangeView:
+    person_id: str
+    kind: str
+    resulting_person_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PolicyPreview:
+    persons_evaluated: int
+    persons_split: int
+    persons_changed: int
+    identifiers_newly_ignored: int
+    sample: tuple[PersonChangeView, ...]
+
+
+__all__ = ["IdentityOperations", "PolicyPreview", "RawSighting", "person_id_for", "replace"]

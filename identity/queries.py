@@ -1,0 +1,191 @@
+"""Queries over the identity graph: persons by ID or identifier, explain, links, history.
+
+A person ID that was merged away, or belongs to a person since re-resolved, still
+resolves: every identifier remembers the person ID it would give as an anchor, so the
+old ID leads to the person that now holds that identifier.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from identity.identifiers import Identifier
+from identity.models import ErasureRow, HistoryRow, IdentifierRow, LinkRow, PersonRow
+from identity.views import ErasureView, Explanation, HistoryView, LinkView, PersonView
+from stitchgraph.errors import NotFound
+
+
+def person_pk_by_id(session: Session, person_id: str) -> int | None:
+    """The person pk for a current or former person ID, or ``None``."""
+    pk = session.execute(select(PersonRow.id).where(PersonRow.person_id == person_id)).scalar()
+    if pk is not None:
+        return int(pk)
+    pk = session.execute(select(IdentifierRow.person_pk).where(IdentifierRow.person_ref == person_id)
+                         .order_by(IdentifierRow.id).limit(1)).scalar()
+    return int(pk) if pk is not None else None
+
+
+def person_pk_by_identifier(session: Session, identifier: Identifier) -> int | None:
+    pk = session.execute(select(IdentifierRow.person_pk).where(
+        IdentifierRow.type == identifier.type, IdentifierRow.value == identifier.value)).scalar()
+    return int(pk) if pk is not None else None
+
+
+def require_person_pk(session: Session, person_id: str, field: str = "name") -> int:
+    pk = person_pk_by_id(session, person_id)
+    if pk is None:
+        raise NotFound(f"person '{person_id}' not found", reason="PERSON_NOT_FOUND",
+                       metadata={"field": field, "person_id": person_id})
+    return pk
+
+
+def person_view(session: Session, person_pk: int) -> PersonView:
+    person = session.get(PersonRow, person_pk)
+    if person is None:
+        raise NotFound("person not found", reason="PERSON_NOT_FOUND")
+    rows = session.execute(select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value,
+                                  IdentifierRow.match_keys, IdentifierRow.first_seen_us)
+                           .where(IdentifierRow.person_pk == person_pk)
+                           .order_by(IdentifierRow.first_seen_us, IdentifierRow.type, IdentifierRow.value)).all()
+    identifiers = tuple(Identifier(r.type, r.value) for r in rows)
+    counts: dict[str, int] = {}
+    for identifier in identifiers:
+        counts[identifier.type] = counts.get(identifier.type, 0) + 1
+    anchor_row = next(r for r in rows if r.id == person.anchor_pk)
+    keys = tuple((r.type, key, value) for r in rows for key, value in sorted((r.match_keys or {}).items()))
+    return PersonView(
+        person_id=person.person_id,
+        identifiers=identifiers,
+        anchor=Identifier(anchor_row.type, anchor_row.value),
+        identifier_counts=counts,
+        merge_count=person.merges,
+        created_at=person.created_at,
+        updated_at=person.updated_at,
+        match_keys=keys,
+        first_seen_us=min(r.first_seen_us for r in rows),
+    )
+
+
+def _identifiers_by_pk(session: Session, pks: Sequence[int]) -> dict[int, Identifier]:
+    found: dict[int, Identifier] = {}
+    unique = sorted(set(pks))
+    for start in range(0, len(unique), 400):
+        for row in session.execute(select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value)
+                                   .where(IdentifierRow.id.in_(unique[start:start + 400]))):
+            found[row.id] = Identifier(row.type, row.value)
+    return found
+
+
+def _link_views(session: Session, rows: Sequence[Any]) -> list[LinkView]:
+    names = _identifiers_by_pk(session, [pk for r in rows for pk in (r.a_pk, r.b_pk)])
+    return [LinkView(first=names[r.a_pk], second=names[r.b_pk], decision=r.decision, reason=r.reason,
+                     detail=r.detail, source=r.source, occurred_us=r.occurred_us, event_id=r.event_id,
+                     request_id=r.request_id, times_seen=r.times_seen, last_seen_us=r.last_seen_us,
+                     operator=r.operator, id=r.id) for r in rows]
+
+
+def list_links(session: Session, person_pk: int, *, decision: str | None, after: int | None,
+               limit: int) -> list[LinkView]:
+    """Links touching the person's identifiers (refusals to other persons included), by ID."""
+    members = select(IdentifierRow.id).where(IdentifierRow.person_pk == person_pk).scalar_subquery()
+    query = select(LinkRow).where(or_(LinkRow.a_pk.in_(members), LinkRow.b_pk.in_(members)))
+    if decision:
+        query = query.where(LinkRow.decision == decision)
+    if after is not None:
+        query = query.where(LinkRow.id > after)
+    rows = session.execute(query.order_by(LinkRow.id).limit(limit)).scalars().all()
+    return _link_views(session, rows)
+
+
+def list_history(session: Session, person_pk: int, *, kind: str | None, after: int | None,
+                 limit: int) -> list[HistoryView]:
+    """History entries about the person's identifiers, oldest first."""
+    members = select(IdentifierRow.id).where(IdentifierRow.person_pk == person_pk).scalar_subquery()
+    query = select(HistoryRow).where(or_(HistoryRow.a_pk.in_(members), HistoryRow.b_pk.in_(members)))
+    if kind:
+        query = query.where(HistoryRow.kind == kind)
+    if after is not None:
+        query = query.where(HistoryRow.id > after)
+    rows = session.execute(query.order_by(HistoryRow.id).limit(limit)).scalars().all()
+    names = _identifiers_by_pk(session, [pk for r in rows for pk in (r.a_pk, r.b_pk) if pk is not None])
+    return [HistoryView(id=r.id, kind=r.kind, occurred_us=r.occurred_us, person_id=r.person_id,
+                        related_person_ids=tuple(r.related_person_ids or ()),
+                        pair=(names.get(r.a_pk) if r.a_pk else None, names.get(r.b_pk) if r.b_pk else None),
+                        reason=r.reason, detail=r.detail, operator=r.operator, event_id=r.event_id,
+                        source=r.source, subject=r.subject) for r in rows]
+
+
+def explain(session: Session, first: Identifier, second: Identifier) -> Explanation:
+    """The accepted path joining two identifiers, or the refusals keeping their persons apart.
+
+    Raises :class:`NotFound` when either identifier is unknown.
+    """
+    rows = {}
+    for label, identifier in (("first", first), ("second", second)):
+        row = session.execute(select(IdentifierRow.id, IdentifierRow.person_pk).where(
+            IdentifierRow.type == identifier.type, IdentifierRow.value == identifier.value)).first()
+        if row is None:
+            raise NotFound(f"{label}: identifier not found", reason="IDENTIFIER_NOT_FOUND",
+                           metadata={"field": label})
+        rows[label] = row
+    a, b = rows["first"], rows["second"]
+    person_ids = dict(session.execute(select(PersonRow.id, PersonRow.person_id)
+                                      .where(PersonRow.id.in_([a.person_pk, b.person_pk]))).tuples().all())
+    if a.person_pk == b.person_pk:
+        path = _accepted_path(session, a.person_pk, a.id, b.id)
+        text = ("the same identifier" if not path else
+                f"joined by {len(path)} accepted link(s); each link is evidence that the two identifiers "
+                "were seen together")
+        return Explanation(True, person_ids[a.person_pk], person_ids[b.person_pk], tuple(path), (), text)
+    members_a = select(IdentifierRow.id).where(IdentifierRow.person_pk == a.person_pk).scalar_subquery()
+    members_b = select(IdentifierRow.id).where(IdentifierRow.person_pk == b.person_pk).scalar_subquery()
+    refused = session.execute(select(LinkRow).where(
+        LinkRow.decision == "refused",
+        or_(LinkRow.a_pk.in_(members_a) & LinkRow.b_pk.in_(members_b),
+            LinkRow.a_pk.in_(members_b) & LinkRow.b_pk.in_(members_a)))
+        .order_by(LinkRow.occurred_us, LinkRow.event_id, LinkRow.rank)).scalars().all()
+    refusals = _link_views(session, refused)
+    text = (f"kept apart by {len(refusals)} refused link(s)" if refusals else
+            "never seen together: no evidence links their persons")
+    return Explanation(False, person_ids[a.person_pk], person_ids[b.person_pk], (), tuple(refusals), text)
+
+
+def _accepted_path(session: Session, person_pk: int, start: int, goal: int) -> list[LinkView]:
+    if start == goal:
+        return []
+    members = select(IdentifierRow.id).where(IdentifierRow.person_pk == person_pk).scalar_subquery()
+    rows = session.execute(select(LinkRow).where(
+        LinkRow.a_pk.in_(members), LinkRow.decision.in_(("accepted", "forced")))).scalars().all()
+    adjacency: dict[int, list[Any]] = {}
+    for row in rows:
+        adjacency.setdefault(row.a_pk, []).append((row.b_pk, row))
+        adjacency.setdefault(row.b_pk, []).append((row.a_pk, row))
+    previous: dict[int, tuple[int, Any]] = {}
+    queue = deque([start])
+    seen = {start}
+    while queue:
+        node = queue.popleft()
+        if node == goal:
+            break
+        for neighbour, row in sorted(adjacency.get(node, ()), key=lambda item: item[0]):
+            if neighbour not in seen:
+                seen.add(neighbour)
+                previous[neighbour] = (node, row)
+                queue.append(neighbour)
+    path_rows = []
+    node = goal
+    while node != start:
+        node, row = previous[node]
+        path_rows.append(row)
+    path_rows.reverse()
+    return _link_views(session, path_rows)
+
+
+def erasure_view(row: ErasureRow) -> ErasureView:
+    return ErasureView(id=row.id, person_id=row.person_id, identifier_hashes=tuple(row.identifier_hashes),
+                       state=row.state, operator=row.operator, reason=row.reason, created_at=row.created_at)

@@ -1,0 +1,53 @@
+"""A base for interceptors that wrap the behaviour of each RPC handler.
+
+grpc's Python server calls ``intercept_service`` for every call. Building a wrapped
+handler each time would dominate the cost of a cheap RPC, so each interceptor
+builds it once per method and caches it (handlers are a pure function of the
+method name here: nothing in the chain looks at metadata in ``intercept_service``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+Behavior = Callable[..., Any]
+
+_MISSING = object()
+
+
+class WrappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Subclasses implement :meth:`wrap`, returning a behaviour with the same signature."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Any] = {}
+
+    def wrap(self, behavior: Behavior, method: str, *, response_streaming: bool) -> Behavior:
+        raise NotImplementedError
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        method: str = handler_call_details.method
+        handler = self._handlers.get(method, _MISSING)
+        if handler is _MISSING:
+            handler = self._wrap_handler(continuation(handler_call_details), method)
+            self._handlers[method] = handler
+        return handler
+
+    def _wrap_handler(self, handler: Any, method: str) -> Any:
+        if handler is None:
+            return None
+        kinds = {
+            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+        }
+        attribute, factory = kinds[(handler.request_streaming, handler.response_streaming)]
+        behavior = self.wrap(getattr(handler, attribute), method, response_streaming=handler.response_streaming)
+        return factory(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

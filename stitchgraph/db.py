@@ -1,0 +1,166 @@
+"""Database plumbing shared by every package: the declarative base, engine creation
+with the right pragmas per dialect, and the unit of work.
+
+SQLite is the embedded default. It runs in WAL mode so readers never block the
+writer, and every write transaction starts with ``BEGIN IMMEDIATE`` so two writers
+queue on the database lock up front instead of deadlocking on a lock upgrade. In
+one process, writers additionally queue on a ``threading.Lock``: SQLite's own busy
+handler polls with sleeps, which is far slower than a lock hand-off.
+
+PostgreSQL is the production store. Code that must serialise a critical section
+across server processes takes a transaction-scoped advisory lock
+(:meth:`Database.advisory_lock`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+# One naming convention so Alembic migrations are identical on SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table; import models before touching ``metadata``."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+@dataclass(frozen=True)
+class DatabaseOptions:
+    """How to open the store. ``url`` is any SQLAlchemy URL (``sqlite:///...``,
+    ``postgresql+psycopg://...``); ``sqlite_synchronous`` trades durability on power
+    loss for speed (FULL keeps every acknowledged commit)."""
+
+    url: str
+    sqlite_synchronous: str = "FULL"
+    sqlite_busy_timeout_ms: int = 30_000
+    pool_size: int = 10
+    echo: bool = False
+
+
+def _sqlite_engine(options: DatabaseOptions) -> Engine:
+    url = make_url(options.url)
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        echo=options.echo,
+        connect_args={"check_same_thread": False, "timeout": options.sqlite_busy_timeout_ms / 1000},
+        pool_size=options.pool_size,
+        max_overflow=options.pool_size,
+    )
+    synchronous = options.sqlite_synchronous.upper()
+    if synchronous not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+        raise ValueError(f"sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event below issue BEGIN itself (pysqlite would
+        # otherwise start deferred transactions lazily, behind our back).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(options.sqlite_busy_timeout_ms)}")
+        cursor.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache per connection
+        cursor.execute("PRAGMA temp_store=MEMORY")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def _postgres_engine(options: DatabaseOptions) -> Engine:
+    return create_engine(
+        options.url,
+        echo=options.echo,
+        pool_size=options.pool_size,
+        max_overflow=options.pool_size,
+        pool_pre_ping=True,
+    )
+
+
+class Database:
+    """The store: an engine plus unit-of-work helpers.
+
+    ``transaction()`` is the only way to write: it yields a session inside one
+    transaction that commits when the block ends without an exception. ``read()``
+    yields a session for queries that must see one consistent snapshot.
+    """
+
+    def __init__(self, options: DatabaseOptions) -> None:
+        self.options = options
+        url = make_url(options.url)
+        self.dialect = url.get_backend_name()
+        if self.dialect == "sqlite":
+            self.engine = _sqlite_engine(options)
+            self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+            self._process_write_lock: threading.Lock | None = threading.Lock()
+        elif self.dialect == "postgresql":
+            self.engine = _postgres_engine(options)
+            self._write_engine = self.engine
+            self._process_write_lock = None
+        else:
+            raise ValueError(f"unsupported database dialect {self.dialect!r}: use sqlite or postgresql")
+        self._read_sessions = sessionmaker(bind=self.engine, expire_on_commit=False, autoflush=False)
+        self._write_sessions = sessionmaker(bind=self._write_engine, expire_on_commit=False, autoflush=False)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """Yield a session in a write transaction; commit on success, roll back on error."""
+        lock = self._process_write_lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            with self._write_sessions() as session, session.begin():
+                yield session
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """Yield a session for reads; nothing it does is committed."""
+        with self._read_sessions() as session, session.begin():
+            yield session
+
+    def advisory_lock(self, session: Session, name: str) -> None:
+        """Serialise the rest of ``session``'s transaction against every other process
+        taking the same named lock. A no-op on SQLite, where ``BEGIN IMMEDIATE``
+        already serialises writers."""
+        if self.is_postgres:
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+    def dispose(self) -> None:
+        self.engine.dispose()

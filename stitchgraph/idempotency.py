@@ -1,0 +1,120 @@
+"""Idempotent mutations keyed by ``request_id`` (AIP-155).
+
+A mutation that carries a ``request_id`` runs at most once: its response is stored
+in the same transaction as its effects, and a repeat with the same ``request_id``
+and the same request body gets the stored response back without running again. A
+repeat with a *different* body is refused with ``INVALID_ARGUMENT``, reason
+``REQUEST_ID_REUSED``: the caller has a bug, and answering with the first response
+would hide it.
+
+Two identical requests racing each other are safe: the key row is inserted before
+the work starts, so on PostgreSQL the second insert waits for the first transaction
+and then fails on the primary key; the loser re-reads and returns the winner's
+stored response. On SQLite writers are serialised anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from sqlalchemy import DateTime, LargeBinary, String
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from stitchgraph.db import Base, Database
+from stitchgraph.errors import Aborted, InvalidArgument
+
+ResponseT = TypeVar("ResponseT", bound=Message)
+
+MAX_REQUEST_ID_LENGTH = 128
+_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
+
+
+class IdempotencyRecord(Base):
+    """The stored outcome of one mutation, keyed by the RPC and the caller's request ID."""
+
+    __tablename__ = "idempotency_records"
+
+    method: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(MAX_REQUEST_ID_LENGTH), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    response: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+def request_fingerprint(request: Message) -> str:
+    """SHA-256 of the request's deterministic wire form with ``request_id`` cleared."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    if "request_id" in copy.DESCRIPTOR.fields_by_name:
+        copy.ClearField("request_id")  # type: ignore[arg-type]
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def validate_request_id(request_id: str) -> None:
+    """Raise :class:`InvalidArgument` on ``request_id`` unless it is 1-128 printable ASCII characters."""
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgument.for_field("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
+    if not _REQUEST_ID_RE.match(request_id):
+        raise InvalidArgument.for_field("request_id", "must be printable ASCII without spaces (a UUID is ideal)")
+
+
+def run_idempotent(
+    db: Database,
+    method: str,
+    request: Message,
+    response_type: type[ResponseT],
+    operation: Callable[[Session], ResponseT],
+) -> ResponseT:
+    """Run ``operation`` in one write transaction, at most once per ``request.request_id``.
+
+    Returns the operation's response, or the stored response of an earlier call with
+    the same request ID and body. Raises :class:`InvalidArgument` when the request ID
+    is malformed or was used before with a different body; whatever ``operation``
+    raises propagates and nothing of it (nor the key) is stored.
+    """
+    request_id: str = getattr(request, "request_id", "")
+    if not request_id:
+        with db.transaction() as session:
+            return operation(session)
+    validate_request_id(request_id)
+    fingerprint = request_fingerprint(request)
+    for _attempt in range(3):
+        try:
+            with db.transaction() as session:
+                stored = session.get(IdempotencyRecord, (method, request_id))
+                if stored is not None:
+                    return _replay(stored, fingerprint, response_type)
+                record = IdempotencyRecord(
+                    method=method,
+                    request_id=request_id,
+                    fingerprint=fingerprint,
+                    response=None,
+                    created_at=datetime.now(UTC),
+                )
+                session.add(record)
+                session.flush()
+                response = operation(session)
+                record.response = response.SerializeToString(deterministic=True)
+                return response
+        except IntegrityError:
+            # Another transaction committed the same key first: loop and replay it.
+            continue
+    raise Aborted("concurrent requests with the same request_id kept conflicting; retry", reason="REQUEST_ID_RACE")
+
+
+def _replay(stored: IdempotencyRecord, fingerprint: str, response_type: type[ResponseT]) -> ResponseT:
+    if stored.fingerprint != fingerprint:
+        raise InvalidArgument.for_field(
+            "request_id",
+            "was already used for a different request; use a new request_id for a new request",
+            reason="REQUEST_ID_REUSED",
+        )
+    response = response_type()
+    response.ParseFromString(stored.response or b"")
+    return response

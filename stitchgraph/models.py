@@ -1,0 +1,15 @@
+"""Every table of the store, gathered so Alembic and tests see one metadata.
+
+Each package owns its models (``identity/models.py``, ``audiences/models.py``);
+this module only imports them.
+"""
+
+from __future__ import annotations
+
+import identity.models  # noqa: F401  (registers the identity tables)
+from stitchgraph import idempotency  # noqa: F401  (registers its table)
+from stitchgraph.db import Base
+
+metadata = Base.metadata
+
+__all__ = ["metadata"]
