@@ -141,7 +141,7 @@ def _unquote(value: str) -> list[str]:
 class Blocklist:
     """A compiled set of :class:`BlocklistEntry` rules; see the module docstring for use."""
 
-    __slots__ = ("_exact_ci", "_exact_cs", "_hashed", "_hashed_types", "_patterns")
+    __slots__ = ("_any_exact", "_any_pattern", "_exact_ci", "_exact_cs", "_hashed", "_hashed_types", "_patterns")
 
     def __init__(
         self,
@@ -169,6 +169,12 @@ class Blocklist:
         self._patterns: list[_Pattern] = []
         for index, entry in enumerate(entries):
             self._add(index, entry, f"{field}[{index}]", known_types)
+        # A coarse filter that lets the common case (not junk) out with one set lookup and
+        # one regex: every exact value case-folded, every pattern in one alternation.
+        self._any_exact = frozenset(
+            key.casefold() for table in (self._exact_cs, self._exact_ci) for values in table.values() for key in values)
+        self._any_pattern = re.compile("|".join(f"(?:{p.regex.pattern})" for p in self._patterns),
+                                       re.IGNORECASE) if self._patterns else None
 
     def _add(self, index: int, entry: BlocklistEntry, path: str, known_types: set[str]) -> None:
         type_ = entry.identifier_type
@@ -275,6 +281,10 @@ class Blocklist:
         forms = _unquote(value)
         if not forms[-1]:
             return "blank value"
+        if not (type_ in self._hashed_types and HASHED_VALUE_RE.fullmatch(forms[-1])) and not any(
+                f.casefold() in self._any_exact for f in forms) and (
+                self._any_pattern is None or not any(self._any_pattern.fullmatch(f) for f in forms)):
+            return None
         scopes = (None, type_, RAW_INPUT_TYPES.get(type_, type_))
         if type_ in self._hashed_types and HASHED_VALUE_RE.fullmatch(forms[-1]):
             return self._best(self._hashed, scopes, [forms[-1].lower()])

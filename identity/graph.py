@@ -19,11 +19,12 @@ priority then type then value, from which the public person ID is derived.
 
 from __future__ import annotations
 
-import base64
+import functools
 import hashlib
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
 from typing import NamedTuple
 
 Node = Hashable
@@ -66,10 +67,9 @@ class Anchor(NamedTuple):
 
 
 def person_id_for(identifier_type: str, value: str) -> str:
-    """The public person ID of a person anchored on this identifier: ``p_`` and 26
-    base32 characters of a SHA-256, so it reveals nothing of the identifier."""
-    digest = hashlib.sha256(f"stitchgraph-person\x00{identifier_type}\x00{value}".encode()).digest()
-    return "p_" + base64.b32encode(digest).decode("ascii").lower()[:26]
+    """The public person ID of a person anchored on this identifier: ``p_`` and 32 hex
+    characters (128 bits) of a SHA-256, so it reveals nothing of the identifier."""
+    return "p_" + hashlib.sha256(f"stitchgraph-person\x00{identifier_type}\x00{value}".encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,19 @@ class Limits:
 
 @dataclass(slots=True)
 class Component:
-    """What the guards and the anchor need to know about one person."""
+    """What the guards and the anchor need to know about one person.
+
+    ``counts`` is never mutated in place (a merge builds a new dict), so singletons of
+    one type can share theirs; ``pinned`` is ``None`` when no identifier is pinned. A
+    rebuild holds hundreds of thousands of these at once.
+    """
 
     size: int
     merges: int
-    counts: dict[str, int]
+    counts: Mapping[str, int]
     anchor: Anchor
     anchor_node: Node
-    pinned: set[Node] = field(default_factory=set)
+    pinned: set[Node] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,21 +110,33 @@ class Outcome:
     loser: Node | None = None
 
 
+def is_merge(a: Component, b: Component) -> bool:
+    """Joining two persons that each hold several identifiers is a *merge* (what the merge
+    cap counts); one identifier joining a person only adds an identifier (what the
+    identifier cap counts)."""
+    return a.size > 1 and b.size > 1
+
+
 def refusal(a: Component, b: Component, limits: Limits, *, forced: bool) -> tuple[RefusalReason, str] | None:
     """Why joining ``a`` and ``b`` must be refused (pins aside), or ``None``."""
     if forced:
         return None
-    for identifier_type, limit in limits.type_limits.items():
-        total = a.counts.get(identifier_type, 0) + b.counts.get(identifier_type, 0)
-        if total > limit:
-            return RefusalReason.TYPE_LIMIT, (
-                f"would give one person {total} {identifier_type} identifiers (limit {limit})"
-            )
+    # ``counts`` only holds limited types, so walking the smaller one checks every limit
+    # that both sides could break together.
+    small, large = (a.counts, b.counts) if len(a.counts) <= len(b.counts) else (b.counts, a.counts)
+    for identifier_type, count in small.items():
+        other = large.get(identifier_type)
+        if other is not None:
+            total, limit = count + other, limits.type_limits[identifier_type]
+            if total > limit:
+                return RefusalReason.TYPE_LIMIT, (
+                    f"would give one person {total} {identifier_type} identifiers (limit {limit})"
+                )
     if a.size + b.size > limits.max_identifiers:
         return RefusalReason.IDENTIFIER_CAP, (
             f"would give one person {a.size + b.size} identifiers (cap {limits.max_identifiers})"
         )
-    if a.merges + b.merges + 1 > limits.max_merges:
+    if is_merge(a, b) and a.merges + b.merges + 1 > limits.max_merges:
         return RefusalReason.MERGE_CAP, f"would exceed {limits.max_merges} merges for one person"
     return None
 
@@ -161,13 +178,18 @@ class GuardedUnionFind:
     def add_pin(self, a: Node, b: Node) -> None:
         self._pins.setdefault(a, set()).add(b)
         self._pins.setdefault(b, set()).add(a)
-        self.components[self.find(a)].pinned.add(a)
-        self.components[self.find(b)].pinned.add(b)
+        for node in (a, b):
+            component = self.components[self.find(node)]
+            component.pinned = (component.pinned or set()) | {node}
+
+    def label(self, node: Node) -> Node:
+        """The component label of ``node``; a node never linked is its own label."""
+        return self.find(node) if node in self._parent else node
 
     def _pinned_apart(self, ra: Node, rb: Node) -> bool:
         a, b = self.components[ra], self.components[rb]
-        small, other_root = (a, rb) if len(a.pinned) <= len(b.pinned) else (b, ra)
-        for node in small.pinned:
+        small, other_root = (a, rb) if len(a.pinned or ()) <= len(b.pinned or ()) else (b, ra)
+        for node in small.pinned or ():
             for partner in self._pins.get(node, ()):
                 if self.find(partner) == other_root:
                     return True
@@ -186,16 +208,20 @@ class GuardedUnionFind:
         if refused is not None:
             return Outcome(Decision.REFUSED, refused[0], refused[1])
         # Relabel the smaller side; ties keep the smaller label so the result is deterministic.
-        if (ca.size, _order(rb)) < (cb.size, _order(ra)):
+        if ca.size < cb.size or (ca.size == cb.size and _before(rb, ra)):
             ra, rb, ca, cb = rb, ra, cb, ca
         self._parent[rb] = ra
+        ca.merges += cb.merges + (1 if is_merge(ca, cb) else 0)
         ca.size += cb.size
-        ca.merges += cb.merges + 1
-        for identifier_type, count in cb.counts.items():
-            ca.counts[identifier_type] = ca.counts.get(identifier_type, 0) + count
+        if cb.counts:
+            counts = dict(ca.counts)
+            for identifier_type, count in cb.counts.items():
+                counts[identifier_type] = counts.get(identifier_type, 0) + count
+            ca.counts = counts
         if cb.anchor < ca.anchor:
             ca.anchor, ca.anchor_node = cb.anchor, cb.anchor_node
-        ca.pinned |= cb.pinned
+        if cb.pinned:
+            ca.pinned = (ca.pinned or set()) | cb.pinned
         del self.components[rb]
         return Outcome(Decision.FORCED if forced else Decision.ACCEPTED, winner=ra, loser=rb)
 
@@ -204,15 +230,26 @@ class GuardedUnionFind:
         return {node: self.find(node) for node in list(self._parent)}
 
 
-def _order(label: Node) -> tuple[int, str]:
-    # Labels are ints in the store and anything hashable in tests; order them stably.
-    return (0, f"{label:020d}") if isinstance(label, int) and label >= 0 else (1, repr(label))
+def _before(x: Node, y: Node) -> bool:
+    """Whether label ``x`` orders before ``y``: ints (the store's labels) by value, other
+    hashables (tests) by their repr, so the order never depends on hashing."""
+    if type(x) is int and type(y) is int:
+        return x < y
+    return repr(x) < repr(y)
 
 
 def singleton(node: Node, identifier_type: str, value: str, first_seen_us: int, priority: int,
               limits: Limits, pinned: bool = False) -> Component:
     """The component of one identifier alone."""
-    counts = {identifier_type: 1} if identifier_type in limits.type_limits else {}
+    counts = _single_count(identifier_type) if identifier_type in limits.type_limits else _NO_COUNTS
     return Component(size=1, merges=0, counts=counts,
                      anchor=Anchor(first_seen_us, priority, identifier_type, value), anchor_node=node,
-                     pinned={node} if pinned else set())
+                     pinned={node} if pinned else None)
+
+
+_NO_COUNTS: Mapping[str, int] = MappingProxyType({})
+
+
+@functools.cache
+def _single_count(identifier_type: str) -> Mapping[str, int]:
+    return MappingProxyType({identifier_type: 1})

@@ -25,12 +25,13 @@ persons one process would have.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy import JSON, DateTime, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from identity.graph import (
@@ -42,6 +43,7 @@ from identity.graph import (
     LinkKey,
     Outcome,
     person_id_for,
+    singleton,
 )
 from identity.identifiers import Identifier, NormalizedIdentifier
 from identity.models import (
@@ -54,7 +56,7 @@ from identity.models import (
     TombstoneRow,
 )
 from identity.policy import CompiledPolicy
-from identity.replay import NodeInfo, StoredLink, connected_clusters, replay
+from identity.replay import NodeInfo, StoredLink, connected_clusters, replay, stable_labels
 from identity.sightings import Ignored, Sighting
 from stitchgraph.db import Database
 
@@ -74,6 +76,67 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+_IDENTIFIERS = IdentifierRow.__table__
+_PERSONS = PersonRow.__table__
+_CLUSTERS = ClusterRow.__table__
+_LINKS = LinkRow.__table__
+
+
+def _driver_executemany(session: Session, table: Any, sql: str, columns: Sequence[str],
+                        rows: Sequence[dict[str, Any]]) -> None:
+    """Run ``sql`` (with ``?`` markers, one per column) once per row through the DBAPI's
+    executemany. The hot path writes thousands of rows per batch; SQLAlchemy's
+    per-parameter processing would cost more than the database does. JSON columns are
+    serialised here (and cast on PostgreSQL, where a text parameter is not json)."""
+    if not rows:
+        return
+    connection = session.connection()
+    postgres = connection.dialect.name == "postgresql"
+    json_columns = {c.name for c in table.columns if isinstance(c.type, JSON)}
+    if postgres:
+        markers = iter(["%s::json" if c in json_columns else "%s" for c in columns])
+        sql = "".join(next(markers) if ch == "?" else ch for ch in sql)
+    convert = {c for c in columns if c in json_columns}
+    if not postgres:
+        # What SQLAlchemy's SQLite DateTime stores (UTC, no offset); sqlite3's own
+        # datetime adapter is deprecated.
+        convert |= {c for c in columns if isinstance(table.c[c].type, DateTime)}
+
+    def value(column_name: str, item: Any) -> Any:
+        if item is None or column_name not in convert:
+            return item
+        if isinstance(item, datetime):
+            return item.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        return json.dumps(item)
+
+    params = [tuple(value(c, row[c]) for c in columns) for row in rows] if convert else \
+        [tuple(row[c] for c in columns) for row in rows]
+    connection.exec_driver_sql(sql, params)
+
+
+def _json(value: Any) -> Any:
+    """A JSON column read through the driver: text on SQLite, already decoded on PostgreSQL."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _insert_rows(session: Session, table: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Bulk INSERT of ``rows`` (all with the same keys)."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    _driver_executemany(session, table, sql, columns, rows)
+
+
+def _update_by_id(session: Session, table: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Bulk UPDATE of ``rows`` by ``id`` (all with the same keys)."""
+    if not rows:
+        return
+    columns = [k for k in rows[0] if k != "id"]
+    sql = f"UPDATE {table.name} SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?"
+    _driver_executemany(session, table, sql, [*columns, "id"], rows)
 
 
 @dataclass(slots=True)
@@ -117,6 +180,7 @@ class _Clusters:
         self.max_key: dict[int, LinkKey] = {}
         self.dirty: set[int] = set()
         self.original: set[int] = set()  # clusters that exist in the store
+        self.stored_key: dict[int, LinkKey] = {}
 
     def add(self, label: int, max_key: LinkKey, stored: bool) -> None:
         if label not in self.parent:
@@ -124,6 +188,7 @@ class _Clusters:
             self.max_key[label] = max_key
             if stored:
                 self.original.add(label)
+                self.stored_key[label] = max_key
 
     def find(self, label: int) -> int:
         parent = self.parent
@@ -177,7 +242,7 @@ class IdentityGraph:
         if not seen_at:
             return results
 
-        existing = self._load_identifiers(session, list(seen_at))
+        existing, persons = self._load_context(session, list(seen_at))
         pk_of: dict[Identifier, int] = {ident: row[0] for ident, row in existing.items()}
         info: dict[int, NodeInfo] = {}
         label_of: dict[int, int] = {}  # identifier pk -> stored person pk
@@ -197,13 +262,10 @@ class IdentityGraph:
             info[pk] = NodeInfo(ident.type, ident.value, seen_at[ident], policy.priority(ident.type))
             label_of[pk] = pk
 
-        persons = self._load_persons(session, {label_of[pk] for pk, _ in ((pk_of[i], i) for i in existing)})
         clusters = _Clusters()
-        cluster_rows = self._load_clusters(session, {p.cluster_pk for p in persons.values()})
         person_cluster: dict[int, int] = {}
         for person_pk, person in persons.items():
-            row = cluster_rows[person.cluster_pk]
-            clusters.add(person.cluster_pk, LinkKey(row.max_us, row.max_event, row.max_rank), stored=True)
+            clusters.add(person.cluster_pk, person.cluster_key, stored=True)
             person_cluster[person_pk] = person.cluster_pk
         for ident in new_idents:
             pk = pk_of[ident]
@@ -211,22 +273,23 @@ class IdentityGraph:
             person_cluster[pk] = pk
 
         pins = self._load_pins(session, [p for p, row in persons.items() if row.pinned])
-        anchors = self._load_anchor_infos(session, persons)
+        # Priority is policy, not storage: stored anchors get their type's priority now.
+        anchors = {p.anchor_pk: NodeInfo(p.anchor.type, p.anchor.value, p.anchor.first_seen_us,
+                                         policy.priority(p.anchor.type)) for p in persons.values()}
 
         def component_of(label: object) -> Component:
             assert isinstance(label, int)
             row = persons.get(label)
             if row is None:  # a new identifier, alone
                 node = info[label]
-                counts = {node.type: 1} if node.type in policy.limits.type_limits else {}
-                return Component(1, 0, counts, Anchor(node.first_seen_us, node.priority, node.type, node.value),
-                                 label, {label} if label in pins.pinned_nodes else set())
+                return singleton(label, node.type, node.value, node.first_seen_us, node.priority, policy.limits,
+                                 pinned=label in pins.pinned_nodes)
             anchor_pk = row.anchor_pk
             anchor_info = info.get(anchor_pk) or anchors[anchor_pk]
             return Component(row.size, row.merges, dict(row.type_counts),
                              Anchor(anchor_info.first_seen_us, anchor_info.priority, anchor_info.type,
                                     anchor_info.value), anchor_pk,
-                             set(pins.pinned_by_person.get(label, ())))
+                             set(pins.pinned_by_person[label]) if label in pins.pinned_by_person else None)
 
         uf = GuardedUnionFind(policy.limits, component_of, pins.pin_map)
         for pk, first in lowered_first_seen.items():
@@ -290,7 +353,7 @@ class IdentityGraph:
         # -- write ----------------------------------------------------------------------
         final_label = {pk: int(uf.find(label_of[pk])) for pk in info}  # type: ignore[call-overload]
         if new_idents:
-            session.execute(insert(IdentifierRow), [
+            _insert_rows(session, _IDENTIFIERS, [
                 {"id": pk_of[ident], "type": ident.type, "value": ident.value,
                  "person_pk": final_label[pk_of[ident]], "first_seen_us": seen_at[ident],
                  "person_ref": person_id_for(ident.type, ident.value),
@@ -298,52 +361,56 @@ class IdentityGraph:
                 for ident in new_idents
             ])
         if lowered_first_seen:
-            session.execute(update(IdentifierRow), [{"id": pk, "first_seen_us": us}
-                                                    for pk, us in lowered_first_seen.items()])
+            _update_by_id(session, _IDENTIFIERS, [{"id": pk, "first_seen_us": us}
+                                                  for pk, us in lowered_first_seen.items()])
         self._add_match_keys(session, existing, normalized)
 
         old_person_ids = {pk: row.person_id for pk, row in persons.items()}
         for old_pk in persons:
             new_label = int(uf.find(old_pk))  # type: ignore[call-overload]
             if new_label != old_pk:
-                session.execute(update(IdentifierRow).where(IdentifierRow.person_pk == old_pk)
+                session.execute(update(_IDENTIFIERS).where(_IDENTIFIERS.c.person_pk == old_pk)
                                 .values(person_pk=new_label))
-                session.execute(delete(PersonRow).where(PersonRow.id == old_pk))
+                session.execute(delete(_PERSONS).where(_PERSONS.c.id == old_pk))
 
         person_rows = []
         touched_roots = {final_label[pk] for pk in info}
         for root in touched_roots:
             comp = uf.components[root]
             cluster = clusters.find(person_cluster.get(root, root))
-            anchor_info = info.get(comp.anchor_node) or anchors[comp.anchor_node]  # type: ignore[index]
+            stored = persons.get(root)
+            if stored is not None and stored.anchor_pk == comp.anchor_node:
+                person_id = stored.person_id
+            else:
+                anchor_info = info.get(comp.anchor_node) or anchors[comp.anchor_node]  # type: ignore[index]
+                person_id = person_id_for(anchor_info.type, anchor_info.value)
             person_rows.append({
-                "id": root, "person_id": person_id_for(anchor_info.type, anchor_info.value),
+                "id": root, "person_id": person_id,
                 "anchor_pk": comp.anchor_node, "size": comp.size, "merges": comp.merges,
-                "type_counts": dict(sorted(comp.counts.items())), "pinned": len(comp.pinned),
+                "type_counts": dict(sorted(comp.counts.items())), "pinned": len(comp.pinned or ()),
                 "cluster_pk": cluster, "updated_at": now,
             })
-        existing_roots = [r for r in person_rows if r["id"] in persons]
+        existing_roots = [r for r in person_rows if r["id"] in persons and _person_changed(persons[r["id"]], r)]
         fresh_roots = [dict(r, created_at=now) for r in person_rows if r["id"] not in persons]
-        if existing_roots:
-            session.execute(update(PersonRow), existing_roots)
-        if fresh_roots:
-            session.execute(insert(PersonRow), fresh_roots)
+        _update_by_id(session, _PERSONS, existing_roots)
+        _insert_rows(session, _PERSONS, fresh_roots)
 
         # Clusters: relabel persons of clusters absorbed by another, upsert the survivors.
         for label in list(clusters.parent):
             root = clusters.find(label)
             if label != root and label in clusters.original:
-                session.execute(update(PersonRow).where(PersonRow.cluster_pk == label).values(cluster_pk=root))
-                session.execute(delete(ClusterRow).where(ClusterRow.id == label))
+                session.execute(update(_PERSONS).where(_PERSONS.c.cluster_pk == label).values(cluster_pk=root))
+                session.execute(delete(_CLUSTERS).where(_CLUSTERS.c.id == label))
         cluster_updates, cluster_inserts = [], []
         for label in {clusters.find(label) for label in clusters.parent}:
             key = clusters.max_key[label]
             row = {"id": label, "max_us": key.occurred_us, "max_event": key.event_id, "max_rank": key.rank}
-            (cluster_updates if label in clusters.original else cluster_inserts).append(row)
-        if cluster_updates:
-            session.execute(update(ClusterRow), cluster_updates)
-        if cluster_inserts:
-            session.execute(insert(ClusterRow), cluster_inserts)
+            if label not in clusters.original:
+                cluster_inserts.append(row)
+            elif key != clusters.stored_key.get(label):
+                cluster_updates.append(row)
+        _update_by_id(session, _CLUSTERS, cluster_updates)
+        _insert_rows(session, _CLUSTERS, cluster_inserts)
 
         link_inserts, link_updates, history = [], [], []
         for pair, link in pending.items():
@@ -367,10 +434,8 @@ class IdentityGraph:
                                   detail="two persons were joined by this link")
             entry["related_person_ids"] = sorted({old_person_ids[ra], old_person_ids[rb]})
             history.append(entry)
-        if link_inserts:
-            session.execute(insert(LinkRow), link_inserts)
-        if link_updates:
-            session.execute(update(LinkRow), link_updates)
+        _insert_rows(session, _LINKS, link_inserts)
+        _update_by_id(session, _LINKS, link_updates)
         if resighted:
             self._bump_times_seen(session, resighted)
 
@@ -388,21 +453,33 @@ class IdentityGraph:
                     "subject": {"type": ignored.type, "value": ignored.value},
                 })
         if history:
-            session.execute(insert(HistoryRow), history)
+            session.execute(insert(HistoryRow.__table__), history)
 
         if clusters.dirty:
             self.resolve_clusters(session, policy, {clusters.find(c) for c in clusters.dirty}, reason="late evidence")
 
-        # Results: the person of each sighting's strongest identifier and each link's decision.
-        decided = self._load_decisions(session, [pair for rows in link_index for pair in
-                                                 ((r[0], r[1]) for r in rows)])
+        # Results: the person of each sighting's strongest identifier and each link's decision,
+        # from memory unless re-resolution may have changed them.
+        decided: dict[tuple[int, int], tuple[str, str, str]] = {
+            pair: (o.decision.value, str(o.reason), o.detail) for pair, o in outcomes.items()}
+        for pair, (_id, _key, decision) in stored_links.items():
+            if pair not in pending:
+                decided.setdefault(pair, (decision, "", ""))
+        unknown = [(r[0], r[1]) for rows in link_index for r in rows if (r[0], r[1]) not in decided]
+        unknown += [pair for pair, (_id, _key, decision) in stored_links.items()
+                    if pair not in pending and decision == "refused"]
+        if unknown:
+            decided.update(self._load_decisions(session, unknown))
         primaries = {}
         for s_index, sighting in enumerate(sightings):
             if link_index[s_index]:
                 primaries[s_index] = pk_of[link_index[s_index][0][2]]
             elif sighting.identifiers:
                 primaries[s_index] = pk_of[sighting.identifiers[0].identifier]
-        person_of = self._person_pks(session, list(set(primaries.values())))
+        if clusters.dirty:
+            person_of = self._person_pks(session, list(set(primaries.values())))
+        else:
+            person_of = {pk: final_label[pk] for pk in primaries.values()}
         for s_index, result in enumerate(results):
             if s_index in primaries:
                 result.person_pk = person_of[primaries[s_index]]
@@ -434,7 +511,7 @@ class IdentityGraph:
         old_label = {r.id: r.person_pk for r in node_rows}
         old_person_ids = dict(session.execute(
             select(PersonRow.id, PersonRow.person_id).where(PersonRow.id.in_(list(old_person_pks))))
-            .tuples().all()) if old_person_pks else {}
+            .all()) if old_person_pks else {}
         ids = list(nodes)
         link_rows = [row for chunk in _chunks(ids) for row in session.execute(
             select(LinkRow.id, LinkRow.a_pk, LinkRow.b_pk, LinkRow.occurred_us, LinkRow.event_id, LinkRow.rank,
@@ -450,8 +527,12 @@ class IdentityGraph:
         members: dict[int, list[int]] = {}
         for node in nodes:
             members.setdefault(result.label_of(node), []).append(node)
-        person_label = {root: min(nodes_) for root, nodes_ in members.items()}
-        cluster_of = connected_clusters(nodes, ((r.a_pk, r.b_pk) for r in link_rows))
+        person_label = stable_labels(members, old_label)
+        old_cluster = dict(session.execute(select(PersonRow.id, PersonRow.cluster_pk)
+                                           .where(PersonRow.id.in_(list(old_person_pks)))).all()) \
+            if old_person_pks else {}
+        cluster_of = self._stable_clusters(nodes, [(r.a_pk, r.b_pk) for r in link_rows],
+                                           {n: old_cluster.get(old_label[n], -1) for n in nodes})
         cluster_key: dict[int, LinkKey] = {}
         for r in link_rows:
             c = cluster_of[r.a_pk]
@@ -460,13 +541,12 @@ class IdentityGraph:
                 cluster_key[c] = key
 
         for chunk in _chunks(list(old_person_pks)):
-            session.execute(delete(PersonRow).where(PersonRow.id.in_(chunk)))
+            session.execute(delete(_PERSONS).where(_PERSONS.c.id.in_(chunk)))
         for chunk in _chunks(list(old_cluster_pks)):
-            session.execute(delete(ClusterRow).where(ClusterRow.id.in_(chunk)))
+            session.execute(delete(_CLUSTERS).where(_CLUSTERS.c.id.in_(chunk)))
         relabel = [{"id": n, "person_pk": person_label[result.label_of(n)]} for n in nodes
                    if person_label[result.label_of(n)] != old_label[n]]
-        if relabel:
-            session.execute(update(IdentifierRow), relabel)
+        _update_by_id(session, _IDENTIFIERS, relabel)
         person_rows = []
         for root, comp in result.components().items():
             label = person_label[root]
@@ -474,22 +554,21 @@ class IdentityGraph:
             person_rows.append({
                 "id": label, "person_id": person_id_for(anchor.type, anchor.value), "anchor_pk": comp.anchor_node,
                 "size": comp.size, "merges": comp.merges, "type_counts": dict(sorted(comp.counts.items())),
-                "pinned": len(comp.pinned), "cluster_pk": cluster_of[label], "created_at": now, "updated_at": now,
+                "pinned": len(comp.pinned or ()), "cluster_pk": cluster_of[label], "created_at": now, "updated_at": now,
             })
         if person_rows:
-            session.execute(insert(PersonRow), person_rows)
+            session.execute(insert(_PERSONS), person_rows)
         cluster_rows = [{"id": c, "max_us": k.occurred_us, "max_event": k.event_id, "max_rank": k.rank}
                         for c, k in ((c, cluster_key.get(c, NO_LINK)) for c in set(cluster_of.values()))]
         if cluster_rows:
-            session.execute(insert(ClusterRow), cluster_rows)
+            session.execute(insert(_CLUSTERS), cluster_rows)
         changed = []
         for link, outcome in result.outcomes:
             row = stored[(link.a, link.b)]
             if row.decision != outcome.decision.value or row.reason != str(outcome.reason):
                 changed.append({"id": row.id, "decision": outcome.decision.value, "reason": str(outcome.reason),
                                 "detail": outcome.detail})
-        if changed:
-            session.execute(update(LinkRow), changed)
+        _update_by_id(session, _LINKS, changed)
         # History: every person whose membership differs from before was re-resolved.
         history = []
         before: dict[int, set[int]] = {}
@@ -510,73 +589,141 @@ class IdentityGraph:
                 "operator": operator, "event_id": "", "source": "", "subject": None,
             })
         if history:
-            session.execute(insert(HistoryRow), history)
+            session.execute(insert(HistoryRow.__table__), history)
         return sorted(person_label.values())
+
+    @staticmethod
+    def _stable_clusters(nodes: Iterable[int], pairs: Sequence[tuple[int, int]],
+                         old_cluster_of_node: dict[int, int]) -> dict[int, int]:
+        """Each node's cluster label, keeping old cluster labels where they still apply."""
+        roots = connected_clusters(nodes, pairs)
+        members: dict[int, list[int]] = {}
+        for node, root in roots.items():
+            members.setdefault(root, []).append(node)
+        labels = stable_labels(members, old_cluster_of_node)
+        return {node: labels[root] for node, root in roots.items()}
 
     # -- rebuild ---------------------------------------------------------------------------
 
     def rebuild(self, session: Session, policy: CompiledPolicy) -> RebuildStats:
-        """Re-derive every person, cluster and link decision from the stored evidence."""
+        """Re-derive every person, cluster and link decision from the stored evidence.
+
+        Built for a million links in bounded memory: rows come through the driver as
+        tuples, the database sorts the links (byte order, like Python's), a node gets a
+        component only once a link touches it, and each decision is compared with the
+        stored one as it is made. Persons that come out unchanged keep their labels.
+        """
         self.db.advisory_lock(session, GRAPH_LOCK)
         started = _now()
-        node_rows = session.execute(select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value,
-                                           IdentifierRow.first_seen_us, IdentifierRow.person_pk)).all()
+        connection = session.connection()
+        raw = connection.connection.driver_connection
+
+        def rows(sql: str) -> Iterable[Any]:
+            # The DBAPI cursor itself: SQLAlchemy's per-row wrapping costs more than the
+            # database does at a million rows.
+            cursor = raw.cursor()  # type: ignore[union-attr]
+            cursor.execute(sql)
+            while batch := cursor.fetchmany(10_000):
+                yield from batch
+            cursor.close()
+
         priority = {t.name: t.priority for t in policy.types}
-        nodes = {r[0]: NodeInfo(r[1], r[2], r[3], priority.get(r[1], 10_000)) for r in node_rows}
-        old_label = {r[0]: r[4] for r in node_rows}
-        del node_rows
-        link_rows = session.execute(select(LinkRow.id, LinkRow.a_pk, LinkRow.b_pk, LinkRow.occurred_us,
-                                           LinkRow.event_id, LinkRow.rank, LinkRow.forced, LinkRow.decision,
-                                           LinkRow.reason)).all()
-        links = [StoredLink(LinkKey(r[3], r[4], r[5]), r[1], r[2], r[6]) for r in link_rows]
-        links.sort(key=lambda l: l.sort_key(nodes))
-        pins = session.execute(select(PinRow.a_pk, PinRow.b_pk)).tuples().all()
-        result = replay(nodes, links, policy.limits, pins, presorted=True)
-        members_min: dict[int, int] = {}
-        label_of_node = {}
+        nodes: dict[int, NodeInfo] = {}
+        old_label: dict[int, int] = {}
+        types: dict[str, str] = {}  # one string object per type, not one per row
+        for pk, type_, value, first_seen, person_pk in rows(
+                "SELECT id, type, value, first_seen_us, person_pk FROM identifiers"):
+            type_ = types.setdefault(type_, type_)
+            nodes[pk] = NodeInfo(type_, value, first_seen, priority.get(type_, 10_000))
+            old_label[pk] = person_pk
+        pins = list(rows("SELECT a_pk, b_pk FROM identity_pins"))
+        pin_map: dict[int, set[int]] = {}
+        for a, b in pins:
+            pin_map.setdefault(a, set()).add(b)
+            pin_map.setdefault(b, set()).add(a)
+        limits = policy.limits
+
+        def component_of(node: object) -> Component:
+            info = nodes[node]  # type: ignore[index]
+            return singleton(node, info.type, info.value, info.first_seen_us, info.priority, limits,
+                             pinned=node in pin_map)
+
+        uf = GuardedUnionFind(limits, component_of, pin_map)
+        collate = ' COLLATE "C"' if connection.dialect.name == "postgresql" else ""
+        cursor = rows(
+            "SELECT id, a_pk, b_pk, occurred_us, event_id, rank, forced, decision, reason FROM identity_links "
+            f"ORDER BY occurred_us, event_id{collate}, rank")
+        changed: list[dict[str, Any]] = []
+        cluster_pairs: list[tuple[int, int]] = []
+        link_count = 0
+
+        def decide(group: list[Any]) -> None:
+            if len(group) > 1:  # one key shared by several pairs: order them by identifiers
+                group.sort(key=lambda r: StoredLink(LinkKey(r[3], r[4], r[5]), r[1], r[2]).sort_key(nodes))
+            for link_id, a, b, _us, _event, _rank, forced, decision, reason in group:
+                outcome = uf.link(a, b, forced=bool(forced))
+                if decision != outcome.decision.value or reason != str(outcome.reason):
+                    changed.append({"id": link_id, "decision": outcome.decision.value,
+                                    "reason": str(outcome.reason), "detail": outcome.detail})
+
+        group: list[Any] = []
+        for row in cursor:
+            link_count += 1
+            cluster_pairs.append((row[1], row[2]))
+            if group and (row[3], row[4], row[5]) != (group[0][3], group[0][4], group[0][5]):
+                decide(group)
+                group = []
+            group.append(row)
+        if group:
+            decide(group)
+
+        members: dict[int, list[int]] = {}
         for node in nodes:
-            root = result.label_of(node)
-            label_of_node[node] = root
-            if node < members_min.get(root, node + 1):
-                members_min[root] = node
-        cluster_of = connected_clusters(nodes, ((l.a, l.b) for l in links))
+            members.setdefault(int(uf.label(node)), []).append(node)  # type: ignore[call-overload]
+        labels = stable_labels(members, old_label)
+        old_cluster = dict(rows("SELECT id, cluster_pk FROM persons"))
+        cluster_of = self._stable_clusters(nodes, cluster_pairs,
+                                           {n: old_cluster.get(old_label[n], -1) for n in nodes})
+        del cluster_pairs
         cluster_key: dict[int, LinkKey] = {}
-        for l in links:
-            c = cluster_of[l.a]
-            if l.key > cluster_key.get(c, NO_LINK):
-                cluster_key[c] = l.key
-        session.execute(delete(PersonRow))
-        session.execute(delete(ClusterRow))
-        relabel = [{"id": n, "person_pk": members_min[label_of_node[n]]} for n in nodes
-                   if members_min[label_of_node[n]] != old_label[n]]
-        for chunk in _chunks(relabel, 50_000):
-            session.execute(update(IdentifierRow), list(chunk))
+        for a, us, event, rank in rows("SELECT a_pk, occurred_us, event_id, rank FROM identity_links"):
+            cluster = cluster_of[a]
+            key = LinkKey(us, event, rank)
+            if key > cluster_key.get(cluster, NO_LINK):
+                cluster_key[cluster] = key
+
         now = _now()
+        session.execute(delete(_PERSONS))
+        session.execute(delete(_CLUSTERS))
+        relabel = [(labels[root], n) for root, ns in members.items() for n in ns if labels[root] != old_label[n]]
+        connection.exec_driver_sql("UPDATE identifiers SET person_pk = "
+                                   + ("?" if connection.dialect.paramstyle == "qmark" else "%s")
+                                   + " WHERE id = " + ("?" if connection.dialect.paramstyle == "qmark" else "%s"),
+                                   relabel) if relabel else None
         person_rows = []
-        for root, comp in result.components().items():
+        for root, ns in members.items():
+            label = labels[root]
+            comp = uf.components.get(root)
+            if comp is None:  # never linked: a person of one identifier
+                info = nodes[root]
+                person_rows.append({
+                    "id": label, "person_id": person_id_for(info.type, info.value), "anchor_pk": root, "size": 1,
+                    "merges": 0, "type_counts": {info.type: 1} if info.type in limits.type_limits else {},
+                    "pinned": 1 if root in pin_map else 0, "cluster_pk": cluster_of[label], "created_at": now,
+                    "updated_at": now})
+                continue
             anchor = nodes[comp.anchor_node]  # type: ignore[index]
-            label = members_min[root]  # type: ignore[index]
             person_rows.append({
                 "id": label, "person_id": person_id_for(anchor.type, anchor.value), "anchor_pk": comp.anchor_node,
-                "size": comp.size, "merges": comp.merges, "type_counts": comp.counts, "pinned": len(comp.pinned),
-                "cluster_pk": cluster_of[label], "created_at": now, "updated_at": now,
-            })
-        for chunk in _chunks(person_rows, 50_000):
-            session.execute(insert(PersonRow), list(chunk))
-        cluster_rows = [{"id": c, "max_us": k.occurred_us, "max_event": k.event_id, "max_rank": k.rank}
-                        for c, k in ((c, cluster_key.get(c, NO_LINK)) for c in set(cluster_of.values()))]
-        for chunk in _chunks(cluster_rows, 50_000):
-            session.execute(insert(ClusterRow), list(chunk))
-        stored = {(r[1], r[2]): r for r in link_rows}
-        changed = []
-        for link, outcome in result.outcomes:
-            row = stored[(link.a, link.b)]
-            if row[7] != outcome.decision.value or row[8] != str(outcome.reason):
-                changed.append({"id": row[0], "decision": outcome.decision.value, "reason": str(outcome.reason),
-                                "detail": outcome.detail})
-        for chunk in _chunks(changed, 50_000):
-            session.execute(update(LinkRow), list(chunk))
-        return RebuildStats(identifiers=len(nodes), links=len(links), persons=len(person_rows),
+                "size": comp.size, "merges": comp.merges, "type_counts": dict(comp.counts),
+                "pinned": len(comp.pinned or ()), "cluster_pk": cluster_of[label], "created_at": now,
+                "updated_at": now})
+        _insert_rows(session, _PERSONS, person_rows)
+        _insert_rows(session, _CLUSTERS, [
+            {"id": c, "max_us": k.occurred_us, "max_event": k.event_id, "max_rank": k.rank}
+            for c, k in ((c, cluster_key.get(c, NO_LINK)) for c in set(cluster_of.values()))])
+        _update_by_id(session, _LINKS, changed)
+        return RebuildStats(identifiers=len(nodes), links=link_count, persons=len(person_rows),
                             relabelled=len(relabel), decisions_changed=len(changed),
                             seconds=(_now() - started).total_seconds())
 
@@ -591,7 +738,7 @@ class IdentityGraph:
         erased: dict[str, int] = {}
         for chunk in _chunks(list(set(hashes.values()))):
             erased.update(session.execute(select(TombstoneRow.identifier_hash, TombstoneRow.erased_us)
-                                          .where(TombstoneRow.identifier_hash.in_(chunk))).tuples().all())
+                                          .where(TombstoneRow.identifier_hash.in_(chunk))).all())
         if not erased:
             return list(sightings)
         kept = []
@@ -610,45 +757,35 @@ class IdentityGraph:
         return kept
 
     @staticmethod
-    def _load_identifiers(session: Session, idents: Sequence[Identifier]) -> dict[Identifier, tuple[int, int, int, Any]]:
+    def _load_context(session: Session, idents: Sequence[Identifier]) -> tuple[
+            dict[Identifier, tuple[int, int, int, Any]], dict[int, _StoredPerson]]:
+        """The stored identifiers among ``idents`` with their persons, clusters and anchors,
+        in one joined query per type and chunk (``type = ? AND value IN (...)`` seeks the
+        unique index on both engines; a row-value IN list makes SQLite scan it)."""
+        by_type: dict[str, list[str]] = {}
+        for ident in idents:
+            by_type.setdefault(ident.type, []).append(ident.value)
+        connection = session.connection()
+        marker = "?" if connection.dialect.paramstyle == "qmark" else "%s"
         found: dict[Identifier, tuple[int, int, int, Any]] = {}
-        for chunk in _chunks(list(idents), 300):
-            rows = session.execute(
-                select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value, IdentifierRow.person_pk,
-                       IdentifierRow.first_seen_us, IdentifierRow.match_keys)
-                .where(tuple_(IdentifierRow.type, IdentifierRow.value).in_([(i.type, i.value) for i in chunk])))
-            for row in rows:
-                found[Identifier(row.type, row.value)] = (row.id, row.person_pk, row.first_seen_us, row.match_keys)
-        return found
-
-    @staticmethod
-    def _load_persons(session: Session, person_pks: set[int]) -> dict[int, PersonRow]:
-        persons: dict[int, PersonRow] = {}
-        for chunk in _chunks(sorted(person_pks)):
-            for row in session.execute(select(PersonRow).where(PersonRow.id.in_(chunk))).scalars():
-                persons[row.id] = row
-        for row in persons.values():
-            session.expunge(row)
-        return persons
-
-    @staticmethod
-    def _load_clusters(session: Session, cluster_pks: set[int]) -> dict[int, ClusterRow]:
-        clusters: dict[int, ClusterRow] = {}
-        for chunk in _chunks(sorted(cluster_pks)):
-            for row in session.execute(select(ClusterRow).where(ClusterRow.id.in_(chunk))).scalars():
-                clusters[row.id] = row
-        return clusters
-
-    @staticmethod
-    def _load_anchor_infos(session: Session, persons: dict[int, PersonRow]) -> dict[int, NodeInfo]:
-        anchors: dict[int, NodeInfo] = {}
-        pks = sorted({p.anchor_pk for p in persons.values()})
-        for chunk in _chunks(pks):
-            for row in session.execute(select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value,
-                                              IdentifierRow.first_seen_us).where(IdentifierRow.id.in_(chunk))):
-                anchors[row.id] = NodeInfo(row.type, row.value, row.first_seen_us, 0)
-        # Priority is policy, not storage: fill it in by type.
-        return anchors
+        persons: dict[int, _StoredPerson] = {}
+        for type_name, values_ in by_type.items():
+            for chunk in _chunks(values_):
+                sql = ("SELECT i.id, i.value, i.person_pk, i.first_seen_us, i.match_keys, p.person_id, p.anchor_pk, "
+                       "p.size, p.merges, p.type_counts, p.pinned, p.cluster_pk, c.max_us, c.max_event, c.max_rank, "
+                       "a.type, a.value, a.first_seen_us FROM identifiers i "
+                       "JOIN persons p ON p.id = i.person_pk JOIN identity_clusters c ON c.id = p.cluster_pk "
+                       "JOIN identifiers a ON a.id = p.anchor_pk "
+                       f"WHERE i.type = {marker} AND i.value IN ({', '.join([marker] * len(chunk))})")
+                for row in connection.exec_driver_sql(sql, (type_name, *chunk)):
+                    found[Identifier(type_name, row[1])] = (row[0], row[2], row[3], _json(row[4]))
+                    if row[2] not in persons:
+                        persons[row[2]] = _StoredPerson(
+                            person_id=row[5], anchor_pk=row[6], size=row[7], merges=row[8],
+                            type_counts=_json(row[9]) or {}, pinned=row[10], cluster_pk=row[11],
+                            cluster_key=LinkKey(row[12], row[13], row[14]),
+                            anchor=NodeInfo(row[15], row[16], row[17], priority=-1))  # set by the caller
+        return found, persons
 
     def _load_pins(self, session: Session, pinned_persons: Sequence[int]) -> _Pins:
         pins = _Pins()
@@ -659,7 +796,7 @@ class IdentityGraph:
         ids = [m.id for m in members]
         for chunk in _chunks(ids):
             for a, b in session.execute(select(PinRow.a_pk, PinRow.b_pk).where(
-                    PinRow.a_pk.in_(chunk) | PinRow.b_pk.in_(chunk))).tuples():
+                    PinRow.a_pk.in_(chunk) | PinRow.b_pk.in_(chunk))):
                 pins.pin_map.setdefault(a, set()).add(b)
                 pins.pin_map.setdefault(b, set()).add(a)
         person_of = {m.id: m.person_pk for m in members}
@@ -670,31 +807,34 @@ class IdentityGraph:
         return pins
 
     @staticmethod
-    def _load_links(session: Session, pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, LinkKey, str]]:
-        found = {}
-        for chunk in _chunks(list(pairs), 300):
-            for row in session.execute(select(LinkRow.id, LinkRow.a_pk, LinkRow.b_pk, LinkRow.occurred_us,
-                                              LinkRow.event_id, LinkRow.rank, LinkRow.decision)
-                                       .where(tuple_(LinkRow.a_pk, LinkRow.b_pk).in_(list(chunk)))):
-                found[(row.a_pk, row.b_pk)] = (row.id, LinkKey(row.occurred_us, row.event_id, row.rank), row.decision)
-        return found
-
-    @staticmethod
-    def _load_decisions(session: Session, pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[str, str, str]]:
-        found = {}
+    def _pairs_query(session: Session, columns: Sequence[str], pairs: Sequence[tuple[int, int]]) -> Iterable[Any]:
+        """Rows (a_pk, b_pk, *columns) of ``identity_links`` for exactly ``pairs``: a VALUES
+        CTE joined on the unique (a_pk, b_pk) index, which both engines answer with one
+        seek per pair. Written as driver SQL: compiling a fresh VALUES construct per batch
+        through SQLAlchemy costs more than the query."""
+        connection = session.connection()
+        marker = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+        selected = ", ".join(f"l.{name}" for name in ("a_pk", "b_pk", *columns))
         for chunk in _chunks(sorted(set(pairs)), 300):
-            for row in session.execute(select(LinkRow.a_pk, LinkRow.b_pk, LinkRow.decision, LinkRow.reason,
-                                              LinkRow.detail)
-                                       .where(tuple_(LinkRow.a_pk, LinkRow.b_pk).in_(list(chunk)))):
-                found[(row.a_pk, row.b_pk)] = (row.decision, row.reason, row.detail)
-        return found
+            rows = ", ".join([f"({marker}, {marker})"] * len(chunk))
+            sql = (f"WITH wanted(a, b) AS (VALUES {rows}) SELECT {selected} FROM wanted "
+                   "JOIN identity_links l ON l.a_pk = wanted.a AND l.b_pk = wanted.b")
+            yield from connection.exec_driver_sql(sql, tuple(v for pair in chunk for v in pair))
+
+    def _load_links(self, session: Session, pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, LinkKey, str]]:
+        return {(r[0], r[1]): (r[2], LinkKey(r[3], r[4], r[5]), r[6]) for r in self._pairs_query(
+            session, ["id", "occurred_us", "event_id", "rank", "decision"], pairs)}
+
+    def _load_decisions(self, session: Session, pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[str, str, str]]:
+        return {(r[0], r[1]): (r[2], r[3], r[4]) for r in self._pairs_query(
+            session, ["decision", "reason", "detail"], pairs)}
 
     @staticmethod
     def _person_pks(session: Session, identifier_pks: Sequence[int]) -> dict[int, int]:
         found: dict[int, int] = {}
         for chunk in _chunks(list(identifier_pks)):
             found.update(session.execute(select(IdentifierRow.id, IdentifierRow.person_pk)
-                                         .where(IdentifierRow.id.in_(chunk))).tuples().all())
+                                         .where(IdentifierRow.id.in_(chunk))).all())
         return found
 
     @staticmethod
@@ -705,17 +845,15 @@ class IdentityGraph:
             keys = {k.platform_key: k.value for k in normalized[ident].match_keys}
             if keys and keys != (stored or {}):
                 updates.append({"id": pk, "match_keys": {**(stored or {}), **keys}})
-        if updates:
-            session.execute(update(IdentifierRow), updates)
+        _update_by_id(session, _IDENTIFIERS, updates)
 
     @staticmethod
     def _bump_times_seen(session: Session, resighted: list[dict[str, Any]]) -> None:
-        for row in resighted:
-            session.execute(update(LinkRow).where(LinkRow.id == row["id"]).values(
-                times_seen=LinkRow.times_seen + 1, last_seen_us=func.max(LinkRow.last_seen_us, row["last_us"])
-                if False else LinkRow.last_seen_us))
-            session.execute(update(LinkRow).where(LinkRow.id == row["id"], LinkRow.last_seen_us < row["last_us"])
-                            .values(last_seen_us=row["last_us"]))
+        statement = update(_LINKS).where(_LINKS.c.id == bindparam("_id")).values(
+            times_seen=_LINKS.c.times_seen + 1,
+            last_seen_us=case((_LINKS.c.last_seen_us < bindparam("_last"), bindparam("_last")),
+                              else_=_LINKS.c.last_seen_us))
+        session.execute(statement, [{"_id": r["id"], "_last": r["last_us"]} for r in resighted])
 
     @staticmethod
     def _history(kind: str, link: _Pending, pair: tuple[int, int], now: datetime, *, reason: str = "",
@@ -723,6 +861,25 @@ class IdentityGraph:
         return {"kind": kind, "occurred_us": link.key.occurred_us, "recorded_at": now, "a_pk": pair[0],
                 "b_pk": pair[1], "person_id": "", "related_person_ids": [], "reason": reason, "detail": detail,
                 "operator": link.operator, "event_id": link.key.event_id, "source": link.source, "subject": None}
+
+
+def _person_changed(stored: Any, row: dict[str, Any]) -> bool:
+    return bool(stored.size != row["size"] or stored.merges != row["merges"] or stored.anchor_pk != row["anchor_pk"]
+                or stored.cluster_pk != row["cluster_pk"] or stored.pinned != row["pinned"]
+                or stored.type_counts != row["type_counts"] or stored.person_id != row["person_id"])
+
+
+@dataclass(frozen=True, slots=True)
+class _StoredPerson:
+    person_id: str
+    anchor_pk: int
+    size: int
+    merges: int
+    type_counts: dict[str, int]
+    pinned: int
+    cluster_pk: int
+    cluster_key: LinkKey
+    anchor: NodeInfo
 
 
 @dataclass

@@ -54,7 +54,7 @@ class PersonRow(Base):
     __tablename__ = "persons"
 
     # The pk of one of the person's identifiers (stable while the person only grows).
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    id: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=False)
     person_id: Mapped[str] = mapped_column(String(40), unique=True)
     anchor_pk: Mapped[int] = mapped_column(BigInteger)
     size: Mapped[int] = mapped_column(Integer)
@@ -70,7 +70,7 @@ class PersonRow(Base):
 class ClusterRow(Base):
     __tablename__ = "identity_clusters"
 
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    id: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=False)
     # Sort key of the latest link in the cluster; -1 when it has none.
     max_us: Mapped[int] = mapped_column(BigInteger)
     max_event: Mapped[str] = mapped_column(String(256))

@@ -294,6 +294,8 @@ class Normalizer:
                 f"the {type_} is {len(trimmed)} characters long; at most {MAX_VALUE_LENGTH} are allowed",
                 reason=_REASON_VALUE,
             )
+        if trimmed.isprintable():  # C-speed common case; the loop below finds the culprit
+            return trimmed
         for position, char in enumerate(trimmed):
             if _is_bad_char(char):
                 raise InvalidArgument.for_field(

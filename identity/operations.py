@@ -9,13 +9,12 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from identity.graph import person_id_for
 from identity.graph_store import GRAPH_LOCK, IdentityGraph, RebuildStats, SightingResult, identifier_hash
 from identity.identifiers import Identifier
 from identity.models import (
@@ -29,10 +28,10 @@ from identity.models import (
     TombstoneRow,
 )
 from identity.policy import CompiledPolicy, IdentityPolicy
-from identity.queries import erasure_view, person_pk_by_identifier, person_view, require_person_pk
+from identity.queries import erasure_view, person_pk_by_identifier, person_row, person_view, require_person_pk
 from identity.sightings import Sighting, derived_event_id, prepare_identifiers, to_micros
 from identity.views import ErasureView, IdentifyOutcome, IgnoredView, LinkOutcomeView, PersonView
-from stitchgraph.db import Database
+from stitchgraph.db import Database, insert_ignoring_conflicts
 from stitchgraph.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 
 MAX_IDENTIFIERS_PER_CALL = 50
@@ -64,21 +63,16 @@ class IdentityOperations:
 
     def policy(self, session: Session) -> CompiledPolicy:
         """The policy in force (seeded from configuration on first use), compiled once per version."""
-        row = session.get(PolicyRow, 1)
-        if row is None:
-            policy = self._seed_policy
-            session.add(PolicyRow(id=1, policy=policy.to_dict(), etag=policy.etag, updated_at=datetime.now(UTC)))
-            session.flush()
-            etag = policy.etag
-        else:
-            etag = row.etag
-            policy = None  # type: ignore[assignment]
+        etag = session.execute(select(PolicyRow.etag).where(PolicyRow.id == 1)).scalar()
+        if etag is None:
+            seed = self._seed_policy
+            insert_ignoring_conflicts(session, PolicyRow.__table__, {
+                "id": 1, "policy": seed.to_dict(), "etag": seed.etag, "updated_at": datetime.now(UTC)})
+            etag = session.execute(select(PolicyRow.etag).where(PolicyRow.id == 1)).scalar_one()
         with self._lock:
             if self._compiled is None or self._compiled_etag != etag:
-                if policy is None:
-                    assert row is not None
-                    policy = IdentityPolicy.from_dict(row.policy)
-                self._compiled = CompiledPolicy.build(policy)
+                stored = session.execute(select(PolicyRow.policy).where(PolicyRow.id == 1)).scalar_one()
+                self._compiled = CompiledPolicy.build(IdentityPolicy.from_dict(stored))
                 self._compiled_etag = etag
             return self._compiled
 
@@ -93,10 +87,8 @@ class IdentityOperations:
         if etag and etag != current.policy.etag:
             raise Aborted("the identity policy changed since it was read; read it again and retry",
                           reason="STALE_ETAG")
-        row = session.get(PolicyRow, 1)
-        assert row is not None
-        row.policy, row.etag, row.updated_at = policy.to_dict(), policy.etag, datetime.now(UTC)
-        session.flush()
+        session.execute(update(PolicyRow).where(PolicyRow.id == 1).values(
+            policy=policy.to_dict(), etag=policy.etag, updated_at=datetime.now(UTC)))
         compiled = self.policy(session)
         self._drop_blocklisted(session, compiled, operator)
         stats = self.graph.rebuild(session, compiled)
@@ -223,7 +215,7 @@ class IdentityOperations:
         pks = [require_person_pk(session, pid, f"names[{i}]") for i, pid in enumerate(person_ids)]
         if pks[0] == pks[1]:
             return person_view(session, pks[0])
-        anchors = [session.get(PersonRow, pk).anchor_pk for pk in pks]  # type: ignore[union-attr]
+        anchors = [person_row(session, pk).anchor_pk for pk in pks]  # type: ignore[union-attr]
         members = [select(IdentifierRow.id).where(IdentifierRow.person_pk == pk).scalar_subquery() for pk in pks]
         pinned = session.execute(select(PinRow.id).where(or_(
             PinRow.a_pk.in_(members[0]) & PinRow.b_pk.in_(members[1]),
@@ -232,8 +224,9 @@ class IdentityOperations:
             raise FailedPrecondition("an operator split keeps these persons apart; set override_pins to merge anyway",
                                      reason="PINNED_SPLIT")
         if pinned:
+            # Pin counts on person rows only gate a slower exact check, so a count left
+            # too high by this delete is harmless; re-resolution recomputes it.
             session.execute(delete(PinRow).where(PinRow.id.in_(pinned)))
-            self._recount_pins(session, pks)
         policy = self.policy(session)
         a, b = sorted(anchors)
         now_us = to_micros(datetime.now(UTC))
@@ -242,7 +235,7 @@ class IdentityOperations:
         if existing is not None:
             existing.forced, existing.operator = True, operator
             session.flush()
-            cluster = session.get(PersonRow, pks[0]).cluster_pk  # type: ignore[union-attr]
+            cluster = person_row(session, pks[0]).cluster_pk  # type: ignore[union-attr]
             self.graph.resolve_clusters(session, policy, [cluster], reason="operator merge", operator=operator)
         else:
             identifiers = session.execute(select(IdentifierRow.type, IdentifierRow.value)
@@ -273,7 +266,7 @@ class IdentityOperations:
             raise InvalidArgument.for_field("operator", "name the operator responsible for the split")
         self.db.advisory_lock(session, GRAPH_LOCK)
         pk = require_person_pk(session, person_id)
-        person = session.get(PersonRow, pk)
+        person = person_row(session, pk)
         assert person is not None
         members = {(r.type, r.value): r.id for r in session.execute(
             select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value).where(IdentifierRow.person_pk == pk))}
@@ -314,7 +307,6 @@ class IdentityOperations:
         session.flush()
         self.graph.resolve_clusters(session, self.policy(session), [person.cluster_pk], reason="operator split",
                                     operator=operator)
-        self._recount_pins(session, None)
         after = sorted({session.execute(select(IdentifierRow.person_pk).where(IdentifierRow.id == n)).scalar_one()
                         for n in members.values()})
         return [person_view(session, p) for p in after]
@@ -336,7 +328,7 @@ class IdentityOperations:
             pk = found
         else:
             raise InvalidArgument.for_field("target", "name a person or an identifier")
-        person = session.get(PersonRow, pk)
+        person = person_row(session, pk)
         assert person is not None
         rows = session.execute(select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value)
                                .where(IdentifierRow.person_pk == pk)).all()
@@ -379,17 +371,6 @@ class IdentityOperations:
                               .order_by(IdentifierRow.first_seen_us, IdentifierRow.id).limit(1)).scalar_one()
         return int(row)
 
-    @staticmethod
-    def _recount_pins(session: Session, person_pks: Sequence[int] | None) -> None:
-        # Persons' "pinned" counts only gate a slow check; a recount keeps them exact.
-        query = select(PersonRow.id) if person_pks is None else select(PersonRow.id).where(
-            PersonRow.id.in_(list(person_pks)))
-        for pk in session.execute(query.where(PersonRow.pinned > 0) if person_pks is None else query).scalars():
-            members = select(IdentifierRow.id).where(IdentifierRow.person_pk == pk).scalar_subquery()
-            count = len(set(session.execute(select(PinRow.a_pk).where(PinRow.a_pk.in_(members))).scalars()) |
-                        set(session.execute(select(PinRow.b_pk).where(PinRow.b_pk.in_(members))).scalars()))
-            session.execute(update(PersonRow).where(PersonRow.id == pk).values(pinned=count))
-
 
 @dataclass(frozen=True)
 class PersonChangeView:
@@ -407,4 +388,4 @@ class PolicyPreview:
     sample: tuple[PersonChangeView, ...]
 
 
-__all__ = ["IdentityOperations", "PolicyPreview", "RawSighting", "person_id_for", "replace"]
+__all__ = ["IdentityOperations", "PolicyPreview", "RawSighting"]

@@ -44,8 +44,15 @@ def require_person_pk(session: Session, person_id: str, field: str = "name") -> 
     return pk
 
 
+def person_row(session: Session, person_pk: int) -> PersonRow | None:
+    """The person row as stored now. The graph store writes persons through Core, so a
+    plain ``session.get`` could hand back a stale object from the identity map."""
+    return session.execute(select(PersonRow).where(PersonRow.id == person_pk)
+                           .execution_options(populate_existing=True)).scalar()
+
+
 def person_view(session: Session, person_pk: int) -> PersonView:
-    person = session.get(PersonRow, person_pk)
+    person = person_row(session, person_pk)
     if person is None:
         raise NotFound("person not found", reason="PERSON_NOT_FOUND")
     rows = session.execute(select(IdentifierRow.id, IdentifierRow.type, IdentifierRow.value,
@@ -135,7 +142,7 @@ def explain(session: Session, first: Identifier, second: Identifier) -> Explanat
         rows[label] = row
     a, b = rows["first"], rows["second"]
     person_ids = dict(session.execute(select(PersonRow.id, PersonRow.person_id)
-                                      .where(PersonRow.id.in_([a.person_pk, b.person_pk]))).tuples().all())
+                                      .where(PersonRow.id.in_([a.person_pk, b.person_pk]))).all())
     if a.person_pk == b.person_pk:
         path = _accepted_path(session, a.person_pk, a.id, b.id)
         text = ("the same identifier" if not path else

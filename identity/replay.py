@@ -105,3 +105,19 @@ def connected_clusters(nodes: Iterable[int], pairs: Iterable[tuple[int, int]]) -
                 ra, rb = rb, ra
             parent[rb] = ra
     return {n: find(n) for n in parent}
+
+
+def stable_labels(members: dict[int, list[int]], old_label: dict[int, int]) -> dict[int, int]:
+    """A label (identifier pk) for each component of ``members`` (root -> nodes), reusing
+    an old label wherever possible so unchanged persons are not rewritten.
+
+    A label is always the pk of a member node, so a component may keep old label ``L``
+    only if it contains node ``L`` — which exactly one component does, so no two claim
+    the same label. Otherwise it takes its smallest node.
+    """
+    labels = {}
+    for root, nodes in members.items():
+        node_set = set(nodes)
+        kept = sorted({old_label[n] for n in nodes if n in old_label and old_label[n] in node_set})
+        labels[root] = kept[0] if kept else min(nodes)
+    return labels

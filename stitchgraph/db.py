@@ -164,3 +164,12 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def insert_ignoring_conflicts(session: Session, table: Any, row: dict[str, Any]) -> None:
+    """INSERT ``row`` unless a row with the same key exists (a concurrent writer's wins)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = session.get_bind().dialect.name
+    statement = (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)).values(**row)
+    session.execute(statement.on_conflict_do_nothing())

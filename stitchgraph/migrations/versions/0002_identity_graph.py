@@ -34,7 +34,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_identifiers_person_ref'), ['person_ref'], unique=False)
 
     op.create_table('identity_clusters',
-    sa.Column('id', sa.BigInteger(), autoincrement=False, nullable=False),
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=False, nullable=False),
     sa.Column('max_us', sa.BigInteger(), nullable=False),
     sa.Column('max_event', sa.String(length=256), nullable=False),
     sa.Column('max_rank', sa.Integer(), nullable=False),
@@ -123,7 +123,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('identifier_hash', name=op.f('pk_identity_tombstones'))
     )
     op.create_table('persons',
-    sa.Column('id', sa.BigInteger(), autoincrement=False, nullable=False),
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=False, nullable=False),
     sa.Column('person_id', sa.String(length=40), nullable=False),
     sa.Column('anchor_pk', sa.BigInteger(), nullable=False),
     sa.Column('size', sa.Integer(), nullable=False),
