@@ -51,3 +51,21 @@ class WrappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+class LayeredInterceptor(WrappingInterceptor):
+    """Applies several wrapping layers as one interceptor.
+
+    grpc's interceptor pipeline costs a few microseconds per interceptor per call; the
+    layers compose once per method instead, so the chain pays only for what each layer
+    does. ``layers`` are outermost first.
+    """
+
+    def __init__(self, layers: list[WrappingInterceptor]) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def wrap(self, behavior: Behavior, method: str, *, response_streaming: bool) -> Behavior:
+        for layer in reversed(self.layers):
+            behavior = layer.wrap(behavior, method, response_streaming=response_streaming)
+        return behavior

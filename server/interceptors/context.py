@@ -1,8 +1,9 @@
 """Request IDs and the access log.
 
 Every call gets a request ID: the caller's ``x-request-id`` metadata when it is a
-sane value, otherwise a fresh one. It is returned to the caller as initial metadata
-``x-request-id``, stamped on every log record of the call, and put in the
+sane value, otherwise a fresh one. It is returned to the caller as trailing metadata
+``x-request-id`` (trailers travel with the status, so this costs no extra round of
+metadata), stamped on every log record of the call, and put in the
 ``ErrorInfo`` of any error. One structured access-log line is written per call.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
+import os
 from typing import Any
 
 import grpc
@@ -28,7 +29,7 @@ def incoming_request_id(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata():
         if key == "x-request-id" and isinstance(value, str) and _SANE_REQUEST_ID.match(value):
             return value
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class RequestContextInterceptor(WrappingInterceptor):
@@ -48,7 +49,7 @@ class RequestContextInterceptor(WrappingInterceptor):
             request_id_var.set(request_id)
             method_var.set(method)
             principal_var.set("")
-            context.send_initial_metadata((("x-request-id", request_id),))
+            context.set_trailing_metadata((("x-request-id", request_id),))
 
         if response_streaming:
             def streaming(request: Any, context: grpc.ServicerContext) -> Any:

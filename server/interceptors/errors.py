@@ -69,7 +69,12 @@ def rich_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict
         )
         details.append(_packed(bad_request))
     proto = status_pb2.Status(code=code.value[0], message=message, details=details)
-    return rpc_status.to_status(proto)
+    status = rpc_status.to_status(proto)
+    request_id = metadata.get("request_id")
+    if request_id:
+        # abort_with_status replaces trailing metadata: keep the request ID header too.
+        status = status._replace(trailing_metadata=(*status.trailing_metadata, ("x-request-id", request_id)))
+    return status
 
 
 def status_for(exc: errors.StitchgraphError) -> grpc.Status:

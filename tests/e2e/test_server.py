@@ -1,0 +1,83 @@
+"""The server as a client meets it: health, reflection, honest UNIMPLEMENTED, system info."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from server.api import SERVICES
+from tests.support.grpc_client import rich_error, running_server, server_settings
+from stitchgraph.v1 import audience_service_pb2, audience_service_pb2_grpc, system_service_pb2, \
+    system_service_pb2_grpc
+
+
+def test_health_reports_serving_after_start(channel: grpc.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    assert stub.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    for service in SERVICES:
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service.full_name))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_reports_not_serving_when_the_store_is_not_migrated(tmp_path: object) -> None:
+    settings = server_settings(f"sqlite:///{tmp_path}/empty.db", migrate_on_start=False)
+    with running_server(settings) as handle, grpc.insecure_channel(f"127.0.0.1:{handle.port}") as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_reflection_lists_every_stitchgraph_service(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    listed = {s.name for r in responses for s in r.list_services_response.service}
+    expected = {f"stitchgraph.v1.{name}" for name in (
+        "IdentityService", "EventService", "ConsentService", "AudienceService", "DestinationService",
+        "CohortService", "SystemService")}
+    assert expected <= listed
+    assert "grpc.health.v1.Health" in listed
+
+
+def test_an_rpc_whose_feature_has_not_landed_is_unimplemented_and_names_it(channel: grpc.Channel) -> None:
+    stub = audience_service_pb2_grpc.AudienceServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ListAudiences(audience_service_pb2.ListAudiencesRequest())
+    error = rich_error(caught.value)
+    assert error.code == grpc.StatusCode.UNIMPLEMENTED
+    assert error.reason == "NOT_IMPLEMENTED_YET"
+    assert error.metadata["feature"] == "audiences"
+    assert "ListAudiences" in error.message
+
+
+def test_system_info_lists_features_and_which_have_landed(channel: grpc.Channel) -> None:
+    stub = system_service_pb2_grpc.SystemServiceStub(channel)
+    info = stub.GetSystemInfo(system_service_pb2.GetSystemInfoRequest())
+    features = {f.name: f.implemented for f in info.features}
+    assert info.api_version == "v1"
+    assert features["system"] is True
+    assert features["identity-graph"] is True
+    assert features["audiences"] is False
+    assert info.store_dialect in {"sqlite", "postgresql"}
+
+
+def test_every_response_carries_a_request_id(channel: grpc.Channel) -> None:
+    stub = system_service_pb2_grpc.SystemServiceStub(channel)
+    _, call = stub.GetSystemInfo.with_call(system_service_pb2.GetSystemInfoRequest(),
+                                           metadata=(("x-request-id", "trace-abc.123"),))
+    assert dict(call.trailing_metadata())["x-request-id"] == "trace-abc.123"
+    _, call = stub.GetSystemInfo.with_call(system_service_pb2.GetSystemInfoRequest())
+    assert len(dict(call.trailing_metadata())["x-request-id"]) == 32
+
+
+def test_oversized_messages_are_refused(db_url: str) -> None:
+    from stitchgraph.v1 import common_pb2, identity_service_pb2, identity_service_pb2_grpc
+
+    settings = server_settings(db_url, max_receive_message_bytes=4096)
+    with running_server(settings) as handle, grpc.insecure_channel(f"127.0.0.1:{handle.port}") as ch:
+        stub = identity_service_pb2_grpc.IdentityServiceStub(ch)
+        big = identity_service_pb2.IdentifyRequest(
+            identifiers=[common_pb2.Identifier(type="anonymous_id", value="x" * 200)] * 40)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Identify(big)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
