@@ -78,7 +78,7 @@ def _drive(port: int, seconds: float) -> float:
 
 
 def run(rounds: int = 5, seconds: float = 3.0) -> None:
-    header("rpc_overhead", f"no-op authenticated RPC, {CLIENT_THREADS} client threads, {rounds} rounds × {seconds}s")
+    header("rpc_overhead", f"no-op authenticated RPC, {CLIENT_THREADS} client threads, {rounds} rounds x {seconds}s")
     with TemporaryDirectory() as tmp:
         database = f"sqlite:///{Path(tmp) / 'bench.db'}"
         servers = {}

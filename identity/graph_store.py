@@ -696,12 +696,11 @@ class IdentityGraph:
         session.execute(delete(_PERSONS))
         session.execute(delete(_CLUSTERS))
         relabel = [(labels[root], n) for root, ns in members.items() for n in ns if labels[root] != old_label[n]]
-        connection.exec_driver_sql("UPDATE identifiers SET person_pk = "
-                                   + ("?" if connection.dialect.paramstyle == "qmark" else "%s")
-                                   + " WHERE id = " + ("?" if connection.dialect.paramstyle == "qmark" else "%s"),
-                                   relabel) if relabel else None
+        if relabel:
+            marker = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+            connection.exec_driver_sql(f"UPDATE identifiers SET person_pk = {marker} WHERE id = {marker}", relabel)
         person_rows = []
-        for root, ns in members.items():
+        for root in members:
             label = labels[root]
             comp = uf.components.get(root)
             if comp is None:  # never linked: a person of one identifier
@@ -821,11 +820,13 @@ class IdentityGraph:
                    "JOIN identity_links l ON l.a_pk = wanted.a AND l.b_pk = wanted.b")
             yield from connection.exec_driver_sql(sql, tuple(v for pair in chunk for v in pair))
 
-    def _load_links(self, session: Session, pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, LinkKey, str]]:
+    def _load_links(self, session: Session,
+                    pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, LinkKey, str]]:
         return {(r[0], r[1]): (r[2], LinkKey(r[3], r[4], r[5]), r[6]) for r in self._pairs_query(
             session, ["id", "occurred_us", "event_id", "rank", "decision"], pairs)}
 
-    def _load_decisions(self, session: Session, pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[str, str, str]]:
+    def _load_decisions(self, session: Session,
+                        pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple[str, str, str]]:
         return {(r[0], r[1]): (r[2], r[3], r[4]) for r in self._pairs_query(
             session, ["decision", "reason", "detail"], pairs)}
 

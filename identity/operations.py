@@ -198,8 +198,8 @@ class IdentityOperations:
         return IdentifyOutcome(
             person=person,
             ignored=tuple(IgnoredView(i.index, i.type, i.reason, i.detail) for i in result.ignored),
-            decisions=tuple(LinkOutcomeView(l.first, l.second, l.decision.value, l.reason, l.detail)
-                            for l in result.links),
+            decisions=tuple(LinkOutcomeView(x.first, x.second, x.decision.value, x.reason, x.detail)
+                            for x in result.links),
         )
 
     # -- operators ------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def replay(
                          pinned=node in pin_map)
 
     uf = GuardedUnionFind(limits, component_of, pin_map)
-    ordered: Sequence[StoredLink] = list(links) if presorted else sorted(links, key=lambda l: l.sort_key(nodes))
+    ordered: Sequence[StoredLink] = list(links) if presorted else sorted(links, key=lambda link: link.sort_key(nodes))
     outcomes = [(link, uf.link(link.a, link.b, forced=link.forced)) for link in ordered]
     for node in nodes:
         uf.find(node)

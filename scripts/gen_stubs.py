@@ -40,7 +40,8 @@ def main() -> int:
     if code != 0:
         print(f"protoc failed with exit code {code}", file=sys.stderr)
         return int(code)
-    (OUT / "__init__.py").write_text('"""Generated from protos/stitchgraph/v1 by scripts/gen_stubs.py; do not edit."""\n')
+    (OUT / "__init__.py").write_text(
+        '"""Generated from protos/stitchgraph/v1 by scripts/gen_stubs.py; do not edit."""\n')
     (OUT / "py.typed").write_text("")
     print(f"generated stubs for {len(protos)} proto files into {OUT.relative_to(ROOT)}")
     return 0

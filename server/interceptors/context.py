@@ -10,9 +10,9 @@ metadata), stamped on every log record of the call, and put in the
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import os
 from typing import Any
 
 import grpc

@@ -96,7 +96,7 @@ def internal_status() -> grpc.Status:
     )
 
 
-assert code_pb2.INVALID_ARGUMENT == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+assert grpc.StatusCode.INVALID_ARGUMENT.value[0] == code_pb2.INVALID_ARGUMENT
 
 
 class ErrorInterceptor(WrappingInterceptor):
@@ -115,7 +115,7 @@ class ErrorInterceptor(WrappingInterceptor):
             def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
                     yield from behavior(request, context)
-                except Exception as exc:  # noqa: BLE001 - the whole point is to catch everything
+                except Exception as exc:
                     translate(exc, context)
 
             return streaming
@@ -123,7 +123,7 @@ class ErrorInterceptor(WrappingInterceptor):
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             try:
                 return behavior(request, context)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 translate(exc, context)
 
         return unary

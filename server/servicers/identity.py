@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from identity.blocklist import BlocklistEntry
-from identity.identifiers import BUILTIN_TYPES, IdentifierType, Identifier
+from identity.identifiers import BUILTIN_TYPES, Identifier, IdentifierType
 from identity.models import ErasureRow, PersonRow
 from identity.operations import IdentityOperations, RawSighting
 from identity.policy import IdentityPolicy
@@ -26,7 +26,7 @@ from identity.queries import (
     person_view,
     require_person_pk,
 )
-from identity.views import ErasureView, HistoryView, IdentifyOutcome, LinkView, PersonView, from_micros
+from identity.views import ErasureView, HistoryView, IdentifyOutcome, LinkView, PersonView
 from server.app import Application
 from server.pagination import page_request
 from server.request_context import current_principal
@@ -279,8 +279,8 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):  # ty
             result = explain(session, first, second)
             return pb.ExplainIdentifiersResponse(
                 same_person=result.same_person, first_person=f"persons/{result.first_person}",
-                second_person=f"persons/{result.second_person}", path=[link_pb(l) for l in result.path],
-                refusals=[link_pb(l) for l in result.refusals], explanation=result.text)
+                second_person=f"persons/{result.second_person}", path=[link_pb(link) for link in result.path],
+                refusals=[link_pb(link) for link in result.refusals], explanation=result.text)
 
     def ListPersonLinks(self, request: Any, context: grpc.ServicerContext) -> Any:
         person_id = parse_person_name(request.parent, "parent")
@@ -292,7 +292,7 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):  # ty
         more = len(links) > page.size
         links = links[:page.size]
         return pb.ListPersonLinksResponse(
-            links=[link_pb(l) for l in links],
+            links=[link_pb(link) for link in links],
             next_page_token=page.next_token(links[-1].id, f"links|{person_id}|{decision}") if more else "")
 
     def ListPersonHistory(self, request: Any, context: grpc.ServicerContext) -> Any:
