@@ -66,10 +66,15 @@ class Anchor(NamedTuple):
     value: str
 
 
-def person_id_for(identifier_type: str, value: str) -> str:
+def person_id_for(identifier_type: str, value: str, salt: str = "") -> str:
     """The public person ID of a person anchored on this identifier: ``p_`` and 32 hex
-    characters (128 bits) of a SHA-256, so it reveals nothing of the identifier."""
-    return "p_" + hashlib.sha256(f"stitchgraph-person\x00{identifier_type}\x00{value}".encode()).hexdigest()[:32]
+    characters (128 bits) of a SHA-256, so it reveals nothing of the identifier.
+
+    ``salt`` is the erasure an identifier came back after: a human who returns after a
+    GDPR erasure gets a new person ID, never the erased one.
+    """
+    material = f"stitchgraph-person\x00{identifier_type}\x00{value}" + (f"\x00{salt}" if salt else "")
+    return "p_" + hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

@@ -228,7 +228,7 @@ class IdentityGraph:
         self.db.advisory_lock(session, GRAPH_LOCK)
         now = _now()
         results = [SightingResult(person_pk=None, ignored=list(s.ignored)) for s in sightings]
-        sightings = self._drop_erased(session, sightings, results)
+        sightings, reborn = self._drop_erased(session, sightings, results)
 
         seen_at: dict[Identifier, int] = {}
         normalized: dict[Identifier, NormalizedIdentifier] = {}
@@ -247,7 +247,7 @@ class IdentityGraph:
         info: dict[int, NodeInfo] = {}
         label_of: dict[int, int] = {}  # identifier pk -> stored person pk
         lowered_first_seen: dict[int, int] = {}
-        for ident, (pk, person_pk, first_seen, _keys) in existing.items():
+        for ident, (pk, person_pk, first_seen, _keys, _ref) in existing.items():
             first = min(first_seen, seen_at[ident])
             if first < first_seen:
                 lowered_first_seen[pk] = first
@@ -276,6 +276,9 @@ class IdentityGraph:
         # Priority is policy, not storage: stored anchors get their type's priority now.
         anchors = {p.anchor_pk: NodeInfo(p.anchor.type, p.anchor.value, p.anchor.first_seen_us,
                                          policy.priority(p.anchor.type)) for p in persons.values()}
+        # Stored anchors' person IDs as stored (they may be salted by an old erasure).
+        anchor_refs = {p.anchor_pk: p.anchor_ref for p in persons.values()}
+        anchor_refs.update({row[0]: row[4] for row in existing.values()})
 
         def component_of(label: object) -> Component:
             assert isinstance(label, int)
@@ -356,7 +359,8 @@ class IdentityGraph:
             _insert_rows(session, _IDENTIFIERS, [
                 {"id": pk_of[ident], "type": ident.type, "value": ident.value,
                  "person_pk": final_label[pk_of[ident]], "first_seen_us": seen_at[ident],
-                 "person_ref": person_id_for(ident.type, ident.value),
+                 "person_ref": person_id_for(ident.type, ident.value, salt=reborn.get(ident, "")),
+                 "reborn": ident in reborn,
                  "match_keys": {k.platform_key: k.value for k in normalized[ident].match_keys} or None}
                 for ident in new_idents
             ])
@@ -382,8 +386,9 @@ class IdentityGraph:
             if stored is not None and stored.anchor_pk == comp.anchor_node:
                 person_id = stored.person_id
             else:
-                anchor_info = info.get(comp.anchor_node) or anchors[comp.anchor_node]  # type: ignore[index]
-                person_id = person_id_for(anchor_info.type, anchor_info.value)
+                person_id = anchor_refs.get(comp.anchor_node) or person_id_for(  # type: ignore[arg-type]
+                    info[comp.anchor_node].type, info[comp.anchor_node].value,  # type: ignore[index]
+                    salt=reborn.get(Identifier(info[comp.anchor_node].type, info[comp.anchor_node].value), ""))
             person_rows.append({
                 "id": root, "person_id": person_id,
                 "anchor_pk": comp.anchor_node, "size": comp.size, "merges": comp.merges,
@@ -548,11 +553,13 @@ class IdentityGraph:
                    if person_label[result.label_of(n)] != old_label[n]]
         _update_by_id(session, _IDENTIFIERS, relabel)
         person_rows = []
+        refs = self._reborn_refs(session, list(nodes))
         for root, comp in result.components().items():
             label = person_label[root]
             anchor = nodes[comp.anchor_node]  # type: ignore[index]
             person_rows.append({
-                "id": label, "person_id": person_id_for(anchor.type, anchor.value), "anchor_pk": comp.anchor_node,
+                "id": label, "person_id": refs.get(comp.anchor_node) or person_id_for(anchor.type, anchor.value),  # type: ignore[call-overload]
+                "anchor_pk": comp.anchor_node,
                 "size": comp.size, "merges": comp.merges, "type_counts": dict(sorted(comp.counts.items())),
                 "pinned": len(comp.pinned or ()), "cluster_pk": cluster_of[label], "created_at": now, "updated_at": now,
             })
@@ -583,7 +590,8 @@ class IdentityGraph:
             anchor = nodes[comp.anchor_node]  # type: ignore[index]
             history.append({
                 "kind": "RE_RESOLVED", "occurred_us": int(now.timestamp() * 1_000_000), "recorded_at": now,
-                "a_pk": comp.anchor_node, "b_pk": None, "person_id": person_id_for(anchor.type, anchor.value),
+                "a_pk": comp.anchor_node, "b_pk": None,
+                "person_id": refs.get(comp.anchor_node) or person_id_for(anchor.type, anchor.value),  # type: ignore[call-overload]
                 "related_person_ids": previous, "reason": reason.upper().replace(" ", "_"),
                 "detail": f"re-resolved from stored evidence ({reason}); {len(nodes_)} identifiers",
                 "operator": operator, "event_id": "", "source": "", "subject": None,
@@ -693,6 +701,7 @@ class IdentityGraph:
                 cluster_key[cluster] = key
 
         now = _now()
+        refs = dict(rows("SELECT id, person_ref FROM identifiers WHERE reborn"))
         session.execute(delete(_PERSONS))
         session.execute(delete(_CLUSTERS))
         relabel = [(labels[root], n) for root, ns in members.items() for n in ns if labels[root] != old_label[n]]
@@ -706,15 +715,17 @@ class IdentityGraph:
             if comp is None:  # never linked: a person of one identifier
                 info = nodes[root]
                 person_rows.append({
-                    "id": label, "person_id": person_id_for(info.type, info.value), "anchor_pk": root, "size": 1,
+                    "id": label, "person_id": refs.get(root) or person_id_for(info.type, info.value),
+                    "anchor_pk": root, "size": 1,
                     "merges": 0, "type_counts": {info.type: 1} if info.type in limits.type_limits else {},
                     "pinned": 1 if root in pin_map else 0, "cluster_pk": cluster_of[label], "created_at": now,
                     "updated_at": now})
                 continue
             anchor = nodes[comp.anchor_node]  # type: ignore[index]
             person_rows.append({
-                "id": label, "person_id": person_id_for(anchor.type, anchor.value), "anchor_pk": comp.anchor_node,
-                "size": comp.size, "merges": comp.merges, "type_counts": dict(comp.counts),
+                "id": label, "person_id": refs.get(comp.anchor_node) or person_id_for(anchor.type, anchor.value),  # type: ignore[call-overload]
+                "anchor_pk": comp.anchor_node, "size": comp.size, "merges": comp.merges,
+                "type_counts": dict(comp.counts),
                 "pinned": len(comp.pinned or ()), "cluster_pk": cluster_of[label], "created_at": now,
                 "updated_at": now})
         _insert_rows(session, _PERSONS, person_rows)
@@ -729,35 +740,51 @@ class IdentityGraph:
     # -- loading helpers ---------------------------------------------------------------------
 
     def _drop_erased(self, session: Session, sightings: Sequence[Sighting],
-                     results: list[SightingResult]) -> list[Sighting]:
+                     results: list[SightingResult]) -> tuple[list[Sighting], dict[Identifier, str]]:
+        """Drop identifiers erased at or after the sighting's time; return the kept
+        sightings and, for erased identifiers seen again afterwards, the erasure that
+        salts their new person ID (so a returning human never gets the erased ID back)."""
         if session.execute(select(TombstoneRow.identifier_hash).limit(1)).first() is None:
-            return list(sightings)
+            return list(sightings), {}
         hashes = {n.identifier: identifier_hash(n.identifier.type, n.identifier.value)
                   for s in sightings for n in s.identifiers}
-        erased: dict[str, int] = {}
+        erased: dict[str, tuple[int, str]] = {}
         for chunk in _chunks(list(set(hashes.values()))):
-            erased.update(session.execute(select(TombstoneRow.identifier_hash, TombstoneRow.erased_us)
-                                          .where(TombstoneRow.identifier_hash.in_(chunk))).all())
+            for digest, erased_us, erasure_id in session.execute(
+                    select(TombstoneRow.identifier_hash, TombstoneRow.erased_us, TombstoneRow.erasure_id)
+                    .where(TombstoneRow.identifier_hash.in_(chunk))):
+                erased[digest] = (erased_us, erasure_id)
         if not erased:
-            return list(sightings)
-        kept = []
+            return list(sightings), {}
+        kept, reborn = [], {}
         for index, sighting in enumerate(sightings):
             keep = []
             for n in sighting.identifiers:
-                erased_us = erased.get(hashes[n.identifier])
-                if erased_us is not None and sighting.occurred_us <= erased_us:
+                tombstone = erased.get(hashes[n.identifier])
+                if tombstone is not None and sighting.occurred_us <= tombstone[0]:
                     results[index].ignored.append(Ignored(-1, n.identifier.type, "ERASED",
                                                           "this identifier was erased; evidence from before "
                                                           "the erasure cannot bring it back", None))
-                else:
-                    keep.append(n)
+                    continue
+                if tombstone is not None:
+                    reborn[n.identifier] = tombstone[1]
+                keep.append(n)
             kept.append(Sighting(tuple(keep), sighting.occurred_us, sighting.event_id, sighting.source,
                                  sighting.request_id, sighting.forced, sighting.operator, sighting.ignored))
-        return kept
+        return kept, reborn
+
+    @staticmethod
+    def _reborn_refs(session: Session, pks: Sequence[int]) -> dict[int, str]:
+        """Person refs of identifiers re-created after an erasure (salted, so not derivable)."""
+        refs: dict[int, str] = {}
+        for chunk in _chunks(list(pks)):
+            refs.update(session.execute(select(IdentifierRow.id, IdentifierRow.person_ref).where(
+                IdentifierRow.reborn.is_(True), IdentifierRow.id.in_(chunk))).all())
+        return refs
 
     @staticmethod
     def _load_context(session: Session, idents: Sequence[Identifier]) -> tuple[
-            dict[Identifier, tuple[int, int, int, Any]], dict[int, _StoredPerson]]:
+            dict[Identifier, tuple[int, int, int, Any, str]], dict[int, _StoredPerson]]:
         """The stored identifiers among ``idents`` with their persons, clusters and anchors,
         in one joined query per type and chunk (``type = ? AND value IN (...)`` seeks the
         unique index on both engines; a row-value IN list makes SQLite scan it)."""
@@ -766,24 +793,25 @@ class IdentityGraph:
             by_type.setdefault(ident.type, []).append(ident.value)
         connection = session.connection()
         marker = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-        found: dict[Identifier, tuple[int, int, int, Any]] = {}
+        found: dict[Identifier, tuple[int, int, int, Any, str]] = {}
         persons: dict[int, _StoredPerson] = {}
         for type_name, values_ in by_type.items():
             for chunk in _chunks(values_):
                 sql = ("SELECT i.id, i.value, i.person_pk, i.first_seen_us, i.match_keys, p.person_id, p.anchor_pk, "
                        "p.size, p.merges, p.type_counts, p.pinned, p.cluster_pk, c.max_us, c.max_event, c.max_rank, "
-                       "a.type, a.value, a.first_seen_us FROM identifiers i "
+                       "a.type, a.value, a.first_seen_us, a.person_ref, i.person_ref FROM identifiers i "
                        "JOIN persons p ON p.id = i.person_pk JOIN identity_clusters c ON c.id = p.cluster_pk "
                        "JOIN identifiers a ON a.id = p.anchor_pk "
                        f"WHERE i.type = {marker} AND i.value IN ({', '.join([marker] * len(chunk))})")
                 for row in connection.exec_driver_sql(sql, (type_name, *chunk)):
-                    found[Identifier(type_name, row[1])] = (row[0], row[2], row[3], _json(row[4]))
+                    found[Identifier(type_name, row[1])] = (row[0], row[2], row[3], _json(row[4]), row[19])
                     if row[2] not in persons:
                         persons[row[2]] = _StoredPerson(
                             person_id=row[5], anchor_pk=row[6], size=row[7], merges=row[8],
                             type_counts=_json(row[9]) or {}, pinned=row[10], cluster_pk=row[11],
                             cluster_key=LinkKey(row[12], row[13], row[14]),
-                            anchor=NodeInfo(row[15], row[16], row[17], priority=-1))  # set by the caller
+                            anchor=NodeInfo(row[15], row[16], row[17], priority=-1),  # set by the caller
+                            anchor_ref=row[18])
         return found, persons
 
     def _load_pins(self, session: Session, pinned_persons: Sequence[int]) -> _Pins:
@@ -839,10 +867,10 @@ class IdentityGraph:
         return found
 
     @staticmethod
-    def _add_match_keys(session: Session, existing: dict[Identifier, tuple[int, int, int, Any]],
+    def _add_match_keys(session: Session, existing: dict[Identifier, tuple[int, int, int, Any, str]],
                         normalized: dict[Identifier, NormalizedIdentifier]) -> None:
         updates = []
-        for ident, (pk, _person, _seen, stored) in existing.items():
+        for ident, (pk, _person, _seen, stored, _ref) in existing.items():
             keys = {k.platform_key: k.value for k in normalized[ident].match_keys}
             if keys and keys != (stored or {}):
                 updates.append({"id": pk, "match_keys": {**(stored or {}), **keys}})
@@ -881,6 +909,7 @@ class _StoredPerson:
     cluster_pk: int
     cluster_key: LinkKey
     anchor: NodeInfo
+    anchor_ref: str
 
 
 @dataclass

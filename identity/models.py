@@ -47,6 +47,8 @@ class IdentifierRow(Base):
     # The public person ID this identifier gives its person when it is the anchor; a
     # person ID that was merged away still resolves through it.
     person_ref: Mapped[str] = mapped_column(String(40), index=True)
+    # Re-created after an erasure: ``person_ref`` is salted with the erasure.
+    reborn: Mapped[bool] = mapped_column(Boolean, default=False)
     match_keys: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
 
 

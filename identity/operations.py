@@ -188,7 +188,7 @@ class IdentityOperations:
         normalized, ignored = prepare_identifiers(policy, item.identifiers, field_prefix=f"{prefix}identifiers")
         occurred = item.occurred_at or datetime.now(UTC)
         occurred_us = to_micros(occurred)
-        source = item.source or "api"
+        source = item.source or "grpc"
         event_id = item.event_id or derived_event_id(source, occurred_us, [n.identifier for n in normalized])
         return Sighting(tuple(normalized), occurred_us, event_id, source, item.request_id, forced, operator,
                         tuple(ignored))

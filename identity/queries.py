@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from identity.identifiers import Identifier
@@ -65,6 +65,13 @@ def person_view(session: Session, person_pk: int) -> PersonView:
         counts[identifier.type] = counts.get(identifier.type, 0) + 1
     anchor_row = next(r for r in rows if r.id == person.anchor_pk)
     keys = tuple((r.type, key, value) for r in rows for key, value in sorted((r.match_keys or {}).items()))
+    members = select(IdentifierRow.id).where(IdentifierRow.person_pk == person_pk).scalar_subquery()
+    merged = sorted({pid for related in session.execute(
+        select(HistoryRow.related_person_ids).where(HistoryRow.kind.in_(("MERGED", "RE_RESOLVED", "FORCED_MERGE")),
+                                                    HistoryRow.a_pk.in_(members))).scalars()
+        for pid in related or () if pid != person.person_id and person_pk_by_id(session, pid) == person_pk})
+    last_link = session.execute(select(func.max(LinkRow.last_seen_us)).where(
+        or_(LinkRow.a_pk.in_(members), LinkRow.b_pk.in_(members)))).scalar()
     return PersonView(
         person_id=person.person_id,
         identifiers=identifiers,
@@ -75,6 +82,8 @@ def person_view(session: Session, person_pk: int) -> PersonView:
         updated_at=person.updated_at,
         match_keys=keys,
         first_seen_us=min(r.first_seen_us for r in rows),
+        last_seen_us=max(last_link or 0, max(r.first_seen_us for r in rows)),
+        merged_person_ids=tuple(merged),
     )
 
 
@@ -96,29 +105,32 @@ def _link_views(session: Session, rows: Sequence[Any]) -> list[LinkView]:
                      operator=r.operator, id=r.id) for r in rows]
 
 
-def list_links(session: Session, person_pk: int, *, decision: str | None, after: int | None,
+def list_links(session: Session, person_pk: int, *, decision: str | None, after: Sequence[Any] | None,
                limit: int) -> list[LinkView]:
-    """Links touching the person's identifiers (refusals to other persons included), by ID."""
+    """Links touching the person's identifiers (refusals to other persons included), in
+    evidence order: first occurrence time, event ID, then ID. ``after`` is the
+    (time, event ID, ID) of the last link of the previous page."""
     members = select(IdentifierRow.id).where(IdentifierRow.person_pk == person_pk).scalar_subquery()
     query = select(LinkRow).where(or_(LinkRow.a_pk.in_(members), LinkRow.b_pk.in_(members)))
     if decision:
         query = query.where(LinkRow.decision == decision)
     if after is not None:
-        query = query.where(LinkRow.id > after)
-    rows = session.execute(query.order_by(LinkRow.id).limit(limit)).scalars().all()
+        query = query.where(tuple_(LinkRow.occurred_us, LinkRow.event_id, LinkRow.id) > tuple_(*after))
+    rows = session.execute(query.order_by(LinkRow.occurred_us, LinkRow.event_id, LinkRow.id).limit(limit)).scalars().all()
     return _link_views(session, rows)
 
 
 def list_history(session: Session, person_pk: int, *, kind: str | None, after: int | None,
                  limit: int) -> list[HistoryView]:
-    """History entries about the person's identifiers, oldest first."""
+    """History entries about the person's identifiers, newest first; ``after`` is the ID
+    of the last entry of the previous page."""
     members = select(IdentifierRow.id).where(IdentifierRow.person_pk == person_pk).scalar_subquery()
     query = select(HistoryRow).where(or_(HistoryRow.a_pk.in_(members), HistoryRow.b_pk.in_(members)))
     if kind:
         query = query.where(HistoryRow.kind == kind)
     if after is not None:
-        query = query.where(HistoryRow.id > after)
-    rows = session.execute(query.order_by(HistoryRow.id).limit(limit)).scalars().all()
+        query = query.where(HistoryRow.id < after)
+    rows = session.execute(query.order_by(HistoryRow.id.desc()).limit(limit)).scalars().all()
     names = _identifiers_by_pk(session, [pk for r in rows for pk in (r.a_pk, r.b_pk) if pk is not None])
     return [HistoryView(id=r.id, kind=r.kind, occurred_us=r.occurred_us, person_id=r.person_id,
                         related_person_ids=tuple(r.related_person_ids or ()),

@@ -23,6 +23,8 @@ class PersonView:
     updated_at: datetime
     match_keys: tuple[tuple[str, str, str], ...] = ()  # (identifier type, platform key, value)
     first_seen_us: int = 0
+    last_seen_us: int = 0
+    merged_person_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -81,9 +81,11 @@ def person_pb(person: PersonView) -> identity_pb2.Person:
         anchor=_identifier_pb(person.anchor),
         identifier_counts=person.identifier_counts,
         merge_count=person.merge_count,
-        create_time=_timestamp(person.created_at),
+        create_time=_ts_us(person.first_seen_us),
         update_time=_timestamp(person.updated_at),
         match_keys=[identity_pb2.MatchKey(identifier_type=t, platform_key=k, value=v) for t, k, v in person.match_keys],
+        merged_person_ids=person.merged_person_ids,
+        last_seen_time=_ts_us(person.last_seen_us),
     )
 
 
@@ -285,15 +287,18 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):  # ty
     def ListPersonLinks(self, request: Any, context: grpc.ServicerContext) -> Any:
         person_id = parse_person_name(request.parent, "parent")
         decision = _PB_TO_DECISION.get(request.decision)
-        page = page_request(request.page_size, request.page_token, f"links|{person_id}|{decision}")
+        query = f"links|{person_id}|{decision}"
+        page = page_request(request.page_size, request.page_token, query)
         with self._db.read() as session:
             pk = require_person_pk(session, person_id, "parent")
             links = list_links(session, pk, decision=decision, after=page.after, limit=page.size + 1)
         more = len(links) > page.size
         links = links[:page.size]
+        last = links[-1] if links else None
         return pb.ListPersonLinksResponse(
             links=[link_pb(link) for link in links],
-            next_page_token=page.next_token(links[-1].id, f"links|{person_id}|{decision}") if more else "")
+            next_page_token=page.next_token([last.occurred_us, last.event_id, last.id], query)
+            if more and last else "")
 
     def ListPersonHistory(self, request: Any, context: grpc.ServicerContext) -> Any:
         person_id = parse_person_name(request.parent, "parent")

@@ -12,8 +12,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.context import RequestContextInterceptor
 from server.interceptors.errors import ErrorInterceptor
-from stitchgraph.v1 import common_pb2, identity_service_pb2, identity_service_pb2_grpc, system_service_pb2, \
-    system_service_pb2_grpc
+from stitchgraph.v1 import (
+    common_pb2,
+    identity_service_pb2,
+    identity_service_pb2_grpc,
+    system_service_pb2,
+    system_service_pb2_grpc,
+)
 from tests.e2e.conftest import ADMIN_TOKEN, INGEST_TOKEN, READ_TOKEN, bearer
 from tests.support.grpc_client import rich_error
 

@@ -8,9 +8,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from server.api import SERVICES
+from stitchgraph.v1 import audience_service_pb2, audience_service_pb2_grpc, system_service_pb2, system_service_pb2_grpc
 from tests.support.grpc_client import rich_error, running_server, server_settings
-from stitchgraph.v1 import audience_service_pb2, audience_service_pb2_grpc, system_service_pb2, \
-    system_service_pb2_grpc
 
 
 def test_health_reports_serving_after_start(channel: grpc.Channel) -> None:

@@ -25,6 +25,7 @@ def upgrade() -> None:
     sa.Column('person_pk', sa.BigInteger(), nullable=False),
     sa.Column('first_seen_us', sa.BigInteger(), nullable=False),
     sa.Column('person_ref', sa.String(length=40), nullable=False),
+    sa.Column('reborn', sa.Boolean(), nullable=False),
     sa.Column('match_keys', sa.JSON(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_identifiers')),
     sa.UniqueConstraint('type', 'value', name=op.f('uq_identifiers_type_value'))
