@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-Node = Hashable
+# A component label: any hashable value. The store uses identifier primary keys (ints);
+# tests use whatever reads best. Typed Any so callers keep their own key type.
+Node = Any
 
 
 class Decision(StrEnum):
@@ -153,6 +155,12 @@ class GuardedUnionFind:
     return its component (a singleton, or the stored state of an existing person whose
     label is ``node``). ``pins`` maps a node to the nodes it must never share a person
     with.
+
+    ``lone(node)``, if given, returns the :class:`Anchor` of a node never seen before
+    that is one identifier alone (``None`` for anything else, e.g. a stored person).
+    Such a node joining a person is decided from its own facts, without building a
+    component for it: most links attach a new identifier to an existing person, and a
+    rebuild meets a million of them.
     """
 
     def __init__(
@@ -160,9 +168,11 @@ class GuardedUnionFind:
         limits: Limits,
         component_of: Callable[[Node], Component],
         pins: Mapping[Node, Iterable[Node]] | None = None,
+        lone: Callable[[Node], Anchor | None] | None = None,
     ) -> None:
         self.limits = limits
         self._component_of = component_of
+        self._lone = lone
         self._parent: dict[Node, Node] = {}
         self.components: dict[Node, Component] = {}
         self._pins: dict[Node, set[Node]] = {n: set(p) for n, p in (pins or {}).items()}
@@ -202,6 +212,18 @@ class GuardedUnionFind:
 
     def link(self, a: Node, b: Node, *, forced: bool = False) -> Outcome:
         """Decide one link and apply it."""
+        parent = self._parent
+        if self._lone is not None and (a not in parent or b not in parent):
+            fresh, other = (b, a) if b not in parent else (a, b)
+            if fresh not in self._pins:
+                anchor = self._lone(fresh)
+                if anchor is not None:
+                    root = self.find(other)
+                    component = self.components[root]
+                    # Only when the person's label survives (it is larger, or wins the tie);
+                    # otherwise the general path below relabels it.
+                    if component.size > 1 or _before(root, fresh):
+                        return self._attach(fresh, anchor, root, component, forced)
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return Outcome(Decision.REDUNDANT)
@@ -230,9 +252,39 @@ class GuardedUnionFind:
         del self.components[rb]
         return Outcome(Decision.FORCED if forced else Decision.ACCEPTED, winner=ra, loser=rb)
 
+    def _attach(self, node: Node, anchor: Anchor, root: Node, component: Component, forced: bool) -> Outcome:
+        if not forced:
+            refused = _attach_refusal(component, anchor, self.limits)
+            if refused is not None:
+                return Outcome(Decision.REFUSED, refused[0], refused[1])
+        self._parent[node] = root
+        component.size += 1
+        if anchor.type in self.limits.type_limits:
+            counts = dict(component.counts)
+            counts[anchor.type] = counts.get(anchor.type, 0) + 1
+            component.counts = counts
+        if anchor < component.anchor:
+            component.anchor, component.anchor_node = anchor, node
+        return Outcome(Decision.FORCED if forced else Decision.ACCEPTED, winner=root, loser=node)
+
     def roots(self) -> dict[Node, Node]:
         """Every node seen, mapped to its component's label."""
         return {node: self.find(node) for node in list(self._parent)}
+
+
+def _attach_refusal(component: Component, anchor: Anchor, limits: Limits) -> tuple[RefusalReason, str] | None:
+    """:func:`refusal` for one lone identifier (``anchor``) joining ``component``, in the
+    same order of checks and with the same words."""
+    limit = limits.type_limits.get(anchor.type)
+    if limit is not None:
+        total = component.counts.get(anchor.type, 0) + 1
+        if total > limit:
+            return RefusalReason.TYPE_LIMIT, f"would give one person {total} {anchor.type} identifiers (limit {limit})"
+    if component.size + 1 > limits.max_identifiers:
+        return RefusalReason.IDENTIFIER_CAP, (
+            f"would give one person {component.size + 1} identifiers (cap {limits.max_identifiers})"
+        )
+    return None
 
 
 def _before(x: Node, y: Node) -> bool:

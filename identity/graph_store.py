@@ -29,9 +29,9 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, DateTime, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import JSON, DateTime, Table, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from identity.graph import (
@@ -78,10 +78,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-_IDENTIFIERS = IdentifierRow.__table__
-_PERSONS = PersonRow.__table__
-_CLUSTERS = ClusterRow.__table__
-_LINKS = LinkRow.__table__
+_IDENTIFIERS = cast(Table, IdentifierRow.__table__)
+_PERSONS = cast(Table, PersonRow.__table__)
+_CLUSTERS = cast(Table, ClusterRow.__table__)
+_LINKS = cast(Table, LinkRow.__table__)
+_HISTORY = cast(Table, HistoryRow.__table__)
 
 
 def _driver_executemany(session: Session, table: Any, sql: str, columns: Sequence[str],
@@ -114,6 +115,12 @@ def _driver_executemany(session: Session, table: Any, sql: str, columns: Sequenc
     params = [tuple(value(c, row[c]) for c in columns) for row in rows] if convert else \
         [tuple(row[c] for c in columns) for row in rows]
     connection.exec_driver_sql(sql, params)
+
+
+def _canonical_counts(stored: Any, computed: dict[str, int]) -> Any:
+    """``stored`` type counts as read through the driver (JSON text on SQLite), returned
+    as ``computed`` when they are equal so a tuple comparison can use it."""
+    return computed if _json(stored) == computed else stored
 
 
 def _json(value: Any) -> Any:
@@ -294,7 +301,13 @@ class IdentityGraph:
                                     anchor_info.value), anchor_pk,
                              set(pins.pinned_by_person[label]) if label in pins.pinned_by_person else None)
 
-        uf = GuardedUnionFind(policy.limits, component_of, pins.pin_map)
+        def lone(label: int) -> Anchor | None:
+            if label in persons:
+                return None
+            node = info[label]
+            return Anchor(node.first_seen_us, node.priority, node.type, node.value)
+
+        uf = GuardedUnionFind(policy.limits, component_of, pins.pin_map, lone)
         for pk, first in lowered_first_seen.items():
             comp = uf.components[uf.find(label_of[pk])]
             node = info[pk]
@@ -312,11 +325,11 @@ class IdentityGraph:
                 pair = (a, b) if a < b else (b, a)
                 link_index[s_index].append((*pair, strong, partner))
                 key = LinkKey(sighting.occurred_us, sighting.event_id, rank)
-                candidate = _Pending(key, pair[0], pair[1], sighting.forced, s_index, sighting.source,
-                                     sighting.request_id, sighting.operator)
+                occurrence = _Pending(key, pair[0], pair[1], sighting.forced, s_index, sighting.source,
+                                      sighting.request_id, sighting.operator)
                 known = pending.get(pair)
                 if known is None or key < known.key:
-                    pending[pair] = candidate
+                    pending[pair] = occurrence
         stored_links = self._load_links(session, [p for p in pending if p[0] < next_pk and p[1] < next_pk])
         resighted: list[dict[str, Any]] = []
         for pair, (link_id, stored_key, _decision) in stored_links.items():
@@ -333,28 +346,28 @@ class IdentityGraph:
                                                                              (info[p.b].type, info[p.b].value)))))
         for link in ordered:
             la, lb = label_of[link.a], label_of[link.b]
-            ca = clusters.find(person_cluster[uf.find(la)])  # type: ignore[index]
-            cb = clusters.find(person_cluster[uf.find(lb)])  # type: ignore[index]
+            ca = clusters.find(person_cluster[uf.label(la)])
+            cb = clusters.find(person_cluster[uf.label(lb)])
             late = link.existing_link is not None or ca in clusters.dirty or cb in clusters.dirty or \
                 link.key <= max(clusters.max_key[ca], clusters.max_key[cb])
             root = clusters.union(ca, cb, link.key)
             if late:
                 clusters.dirty.add(root)
                 continue
-            ra, rb = uf.find(la), uf.find(lb)
+            ra, rb = uf.label(la), uf.label(lb)
             both_stored = ra in persons and rb in persons
             outcome = uf.link(la, lb, forced=link.forced)
             outcomes[(link.a, link.b)] = outcome
             if outcome.winner is not None:
-                person_cluster[outcome.winner] = root  # type: ignore[index]
+                person_cluster[outcome.winner] = root
                 if both_stored:
-                    merged_existing.append((link, outcome, int(ra), int(rb)))  # type: ignore[call-overload]
+                    merged_existing.append((link, outcome, int(ra), int(rb)))
             else:
-                person_cluster[int(ra)] = root  # type: ignore[call-overload]
-                person_cluster[int(rb)] = root  # type: ignore[call-overload]
+                person_cluster[int(ra)] = root
+                person_cluster[int(rb)] = root
 
         # -- write ----------------------------------------------------------------------
-        final_label = {pk: int(uf.find(label_of[pk])) for pk in info}  # type: ignore[call-overload]
+        final_label = {pk: int(uf.find(label_of[pk])) for pk in info}
         if new_idents:
             _insert_rows(session, _IDENTIFIERS, [
                 {"id": pk_of[ident], "type": ident.type, "value": ident.value,
@@ -371,7 +384,7 @@ class IdentityGraph:
 
         old_person_ids = {pk: row.person_id for pk, row in persons.items()}
         for old_pk in persons:
-            new_label = int(uf.find(old_pk))  # type: ignore[call-overload]
+            new_label = int(uf.find(old_pk))
             if new_label != old_pk:
                 session.execute(update(_IDENTIFIERS).where(_IDENTIFIERS.c.person_pk == old_pk)
                                 .values(person_pk=new_label))
@@ -386,8 +399,8 @@ class IdentityGraph:
             if stored is not None and stored.anchor_pk == comp.anchor_node:
                 person_id = stored.person_id
             else:
-                person_id = anchor_refs.get(comp.anchor_node) or person_id_for(  # type: ignore[arg-type]
-                    info[comp.anchor_node].type, info[comp.anchor_node].value,  # type: ignore[index]
+                person_id = anchor_refs.get(comp.anchor_node) or person_id_for(
+                    info[comp.anchor_node].type, info[comp.anchor_node].value,
                     salt=reborn.get(Identifier(info[comp.anchor_node].type, info[comp.anchor_node].value), ""))
             person_rows.append({
                 "id": root, "person_id": person_id,
@@ -419,9 +432,9 @@ class IdentityGraph:
 
         link_inserts, link_updates, history = [], [], []
         for pair, link in pending.items():
-            outcome = outcomes.get(pair)
-            decision, reason, detail = (outcome.decision.value, str(outcome.reason), outcome.detail) \
-                if outcome else ("pending", "", "")
+            decided_now = outcomes.get(pair)
+            decision, reason, detail = (decided_now.decision.value, str(decided_now.reason), decided_now.detail) \
+                if decided_now else ("pending", "", "")
             fields = {"occurred_us": link.key.occurred_us, "event_id": link.key.event_id, "rank": link.key.rank,
                       "source": link.source, "request_id": link.request_id, "forced": link.forced,
                       "operator": link.operator, "decision": decision, "reason": reason, "detail": detail}
@@ -430,9 +443,9 @@ class IdentityGraph:
             else:
                 link_inserts.append({"a_pk": pair[0], "b_pk": pair[1], "times_seen": 1,
                                      "last_seen_us": link.key.occurred_us, **fields})
-            if outcome is not None and outcome.decision is Decision.REFUSED:
+            if decided_now is not None and decided_now.decision is Decision.REFUSED:
                 history.append(self._history("REFUSED", link, pair, now, reason=reason, detail=detail))
-            if outcome is not None and outcome.decision is Decision.FORCED:
+            if decided_now is not None and decided_now.decision is Decision.FORCED:
                 history.append(self._history("FORCED_MERGE", link, pair, now, detail="operator merge"))
         for link, _outcome, ra, rb in merged_existing:
             entry = self._history("MERGED", link, (link.a, link.b), now,
@@ -458,7 +471,7 @@ class IdentityGraph:
                     "subject": {"type": ignored.type, "value": ignored.value},
                 })
         if history:
-            session.execute(insert(HistoryRow.__table__), history)
+            session.execute(insert(_HISTORY), history)
 
         if clusters.dirty:
             self.resolve_clusters(session, policy, {clusters.find(c) for c in clusters.dirty}, reason="late evidence")
@@ -556,9 +569,9 @@ class IdentityGraph:
         refs = self._reborn_refs(session, list(nodes))
         for root, comp in result.components().items():
             label = person_label[root]
-            anchor = nodes[comp.anchor_node]  # type: ignore[index]
+            anchor = nodes[comp.anchor_node]
             person_rows.append({
-                "id": label, "person_id": refs.get(comp.anchor_node) or person_id_for(anchor.type, anchor.value),  # type: ignore[call-overload]
+                "id": label, "person_id": refs.get(comp.anchor_node) or person_id_for(anchor.type, anchor.value),
                 "anchor_pk": comp.anchor_node,
                 "size": comp.size, "merges": comp.merges, "type_counts": dict(sorted(comp.counts.items())),
                 "pinned": len(comp.pinned or ()), "cluster_pk": cluster_of[label], "created_at": now, "updated_at": now,
@@ -587,17 +600,17 @@ class IdentityGraph:
                 continue
             comp = result.components()[root]
             previous = sorted({old_person_ids[old_label[n]] for n in nodes_ if old_label[n] in old_person_ids})
-            anchor = nodes[comp.anchor_node]  # type: ignore[index]
+            anchor = nodes[comp.anchor_node]
             history.append({
                 "kind": "RE_RESOLVED", "occurred_us": int(now.timestamp() * 1_000_000), "recorded_at": now,
                 "a_pk": comp.anchor_node, "b_pk": None,
-                "person_id": refs.get(comp.anchor_node) or person_id_for(anchor.type, anchor.value),  # type: ignore[call-overload]
+                "person_id": refs.get(comp.anchor_node) or person_id_for(anchor.type, anchor.value),
                 "related_person_ids": previous, "reason": reason.upper().replace(" ", "_"),
                 "detail": f"re-resolved from stored evidence ({reason}); {len(nodes_)} identifiers",
                 "operator": operator, "event_id": "", "source": "", "subject": None,
             })
         if history:
-            session.execute(insert(HistoryRow.__table__), history)
+            session.execute(insert(_HISTORY), history)
         return sorted(person_label.values())
 
     @staticmethod
@@ -629,7 +642,7 @@ class IdentityGraph:
         def rows(sql: str) -> Iterable[Any]:
             # The DBAPI cursor itself: SQLAlchemy's per-row wrapping costs more than the
             # database does at a million rows.
-            cursor = raw.cursor()  # type: ignore[union-attr]
+            cursor = raw.cursor()  # type: ignore[union-attr]  # a live connection always has one
             cursor.execute(sql)
             while batch := cursor.fetchmany(10_000):
                 yield from batch
@@ -651,12 +664,16 @@ class IdentityGraph:
             pin_map.setdefault(b, set()).add(a)
         limits = policy.limits
 
-        def component_of(node: object) -> Component:
-            info = nodes[node]  # type: ignore[index]
+        def component_of(node: int) -> Component:
+            info = nodes[node]
             return singleton(node, info.type, info.value, info.first_seen_us, info.priority, limits,
                              pinned=node in pin_map)
 
-        uf = GuardedUnionFind(limits, component_of, pin_map)
+        def lone(node: int) -> Anchor:
+            info = nodes[node]
+            return Anchor(info.first_seen_us, info.priority, info.type, info.value)
+
+        uf = GuardedUnionFind(limits, component_of, pin_map, lone)
         collate = ' COLLATE "C"' if connection.dialect.name == "postgresql" else ""
         cursor = rows(
             "SELECT id, a_pk, b_pk, occurred_us, event_id, rank, forced, decision, reason FROM identity_links "
@@ -687,9 +704,11 @@ class IdentityGraph:
 
         members: dict[int, list[int]] = {}
         for node in nodes:
-            members.setdefault(int(uf.label(node)), []).append(node)  # type: ignore[call-overload]
+            members.setdefault(int(uf.label(node)), []).append(node)
         labels = stable_labels(members, old_label)
-        old_cluster = dict(rows("SELECT id, cluster_pk FROM persons"))
+        stored_persons: dict[int, tuple[Any, ...]] = {row[0]: tuple(row[1:]) for row in rows(
+            "SELECT id, cluster_pk, person_id, anchor_pk, size, merges, type_counts, pinned FROM persons")}
+        old_cluster = {pk: row[0] for pk, row in stored_persons.items()}
         cluster_of = self._stable_clusters(nodes, cluster_pairs,
                                            {n: old_cluster.get(old_label[n], -1) for n in nodes})
         del cluster_pairs
@@ -702,13 +721,13 @@ class IdentityGraph:
 
         now = _now()
         refs = dict(rows("SELECT id, person_ref FROM identifiers WHERE reborn"))
-        session.execute(delete(_PERSONS))
-        session.execute(delete(_CLUSTERS))
+        stored_clusters = {row[0]: LinkKey(*row[1:]) for row in rows(
+            "SELECT id, max_us, max_event, max_rank FROM identity_clusters")}
         relabel = [(labels[root], n) for root, ns in members.items() for n in ns if labels[root] != old_label[n]]
         if relabel:
             marker = "?" if connection.dialect.paramstyle == "qmark" else "%s"
             connection.exec_driver_sql(f"UPDATE identifiers SET person_pk = {marker} WHERE id = {marker}", relabel)
-        person_rows = []
+        person_rows: list[dict[str, Any]] = []
         for root in members:
             label = labels[root]
             comp = uf.components.get(root)
@@ -721,17 +740,39 @@ class IdentityGraph:
                     "pinned": 1 if root in pin_map else 0, "cluster_pk": cluster_of[label], "created_at": now,
                     "updated_at": now})
                 continue
-            anchor = nodes[comp.anchor_node]  # type: ignore[index]
+            anchor = nodes[comp.anchor_node]
             person_rows.append({
-                "id": label, "person_id": refs.get(comp.anchor_node) or person_id_for(anchor.type, anchor.value),  # type: ignore[call-overload]
+                "id": label, "person_id": refs.get(comp.anchor_node) or person_id_for(anchor.type, anchor.value),
                 "anchor_pk": comp.anchor_node, "size": comp.size, "merges": comp.merges,
                 "type_counts": dict(comp.counts),
                 "pinned": len(comp.pinned or ()), "cluster_pk": cluster_of[label], "created_at": now,
                 "updated_at": now})
-        _insert_rows(session, _PERSONS, person_rows)
+        # Write only the difference from what is stored: a rebuild of a consistent store
+        # reads everything and writes nothing.
+        person_ids = {r["id"] for r in person_rows}
+        gone = [pk for pk in stored_persons if pk not in person_ids]
+        fresh, changed_persons = [], []
+        for row in person_rows:
+            stored = stored_persons.get(row["id"])
+            if stored is None:
+                fresh.append(row)
+            elif stored != (row["cluster_pk"], row["person_id"], row["anchor_pk"], row["size"], row["merges"],
+                            _canonical_counts(stored[5], row["type_counts"]), row["pinned"]):
+                changed_persons.append(row)
+        # Changed rows are replaced, not updated: a person ID can move from one row to
+        # another, and an in-place update would collide on the unique person_id.
+        for chunk in _chunks([*gone, *(r["id"] for r in changed_persons)], 10_000):
+            session.execute(delete(_PERSONS).where(_PERSONS.c.id.in_(chunk)))
+        _insert_rows(session, _PERSONS, [*fresh, *changed_persons])
+        clusters_now = {c: cluster_key.get(c, NO_LINK) for c in set(cluster_of.values())}
+        for chunk in _chunks([c for c in stored_clusters if c not in clusters_now], 10_000):
+            session.execute(delete(_CLUSTERS).where(_CLUSTERS.c.id.in_(chunk)))
+        _update_by_id(session, _CLUSTERS, [
+            {"id": c, "max_us": k.occurred_us, "max_event": k.event_id, "max_rank": k.rank}
+            for c, k in clusters_now.items() if c in stored_clusters and stored_clusters[c] != k])
         _insert_rows(session, _CLUSTERS, [
             {"id": c, "max_us": k.occurred_us, "max_event": k.event_id, "max_rank": k.rank}
-            for c, k in ((c, cluster_key.get(c, NO_LINK)) for c in set(cluster_of.values()))])
+            for c, k in clusters_now.items() if c not in stored_clusters])
         _update_by_id(session, _LINKS, changed)
         return RebuildStats(identifiers=len(nodes), links=link_count, persons=len(person_rows),
                             relabelled=len(relabel), decisions_changed=len(changed),

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
@@ -71,7 +72,7 @@ class IdentityOperations:
             etag = session.execute(select(PolicyRow.etag).where(PolicyRow.id == 1)).scalar_one()
         with self._lock:
             if self._compiled is None or self._compiled_etag != etag:
-                stored = session.execute(select(PolicyRow.policy).where(PolicyRow.id == 1)).scalar_one()
+                stored: dict[str, Any] = session.execute(select(PolicyRow.policy).where(PolicyRow.id == 1)).scalar_one()
                 self._compiled = CompiledPolicy.build(IdentityPolicy.from_dict(stored))
                 self._compiled_etag = etag
             return self._compiled

@@ -116,7 +116,8 @@ def list_links(session: Session, person_pk: int, *, decision: str | None, after:
         query = query.where(LinkRow.decision == decision)
     if after is not None:
         query = query.where(tuple_(LinkRow.occurred_us, LinkRow.event_id, LinkRow.id) > tuple_(*after))
-    rows = session.execute(query.order_by(LinkRow.occurred_us, LinkRow.event_id, LinkRow.id).limit(limit)).scalars().all()
+    query = query.order_by(LinkRow.occurred_us, LinkRow.event_id, LinkRow.id).limit(limit)
+    rows = session.execute(query).scalars().all()
     return _link_views(session, rows)
 
 

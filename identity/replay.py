@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from identity.graph import Component, GuardedUnionFind, Limits, LinkKey, Outcome, singleton
+from identity.graph import Anchor, Component, GuardedUnionFind, Limits, LinkKey, Node, Outcome, singleton
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +49,10 @@ class ReplayResult:
     outcomes: list[tuple[StoredLink, Outcome]]
 
     def label_of(self, node: int) -> int:
-        return int(self.uf.find(node))  # type: ignore[call-overload]
+        return cast(int, self.uf.find(node))  # replay's nodes are ints, so is every label
 
     def components(self) -> dict[int, Component]:
-        return self.uf.components  # type: ignore[return-value]
+        return self.uf.components
 
 
 def replay(
@@ -67,7 +68,7 @@ def replay(
     Every node appears in the result, linked or not. Raises ``KeyError`` if a link
     names a node missing from ``nodes``.
     """
-    pin_map: dict[int, set[int]] = {}
+    pin_map: dict[Node, set[Node]] = {}
     for a, b in pins:
         pin_map.setdefault(a, set()).add(b)
         pin_map.setdefault(b, set()).add(a)
@@ -77,7 +78,11 @@ def replay(
         return singleton(node, info.type, info.value, info.first_seen_us, info.priority, limits,
                          pinned=node in pin_map)
 
-    uf = GuardedUnionFind(limits, component_of, pin_map)
+    def lone(node: object) -> Anchor:
+        info = nodes[node]  # type: ignore[index]
+        return Anchor(info.first_seen_us, info.priority, info.type, info.value)
+
+    uf = GuardedUnionFind(limits, component_of, pin_map, lone)
     ordered: Sequence[StoredLink] = list(links) if presorted else sorted(links, key=lambda link: link.sort_key(nodes))
     outcomes = [(link, uf.link(link.a, link.b, forced=link.forced)) for link in ordered]
     for node in nodes:

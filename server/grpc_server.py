@@ -33,7 +33,7 @@ from stitchgraph import migrations
 
 logger = logging.getLogger("stitchgraph.server")
 
-def default_interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
+def default_interceptors(settings: Settings) -> list[grpc.ServerInterceptor[Any, Any]]:
     """The chain, outermost first: context and access log, metrics, errors, auth —
     composed into one interceptor so a call pays for the layers, not the pipeline."""
     return [LayeredInterceptor([
@@ -111,7 +111,7 @@ def create_server(
     settings: Settings,
     *,
     address: str | None = None,
-    interceptors: list[grpc.ServerInterceptor] | None = None,
+    interceptors: list[grpc.ServerInterceptor[Any, Any]] | None = None,
 ) -> StitchgraphServer:
     """Build and bind a server for ``settings`` (``address`` overrides the listen address;
     port 0 picks a free port). Raises :class:`ConfigError` when the address cannot be bound

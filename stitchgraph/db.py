@@ -116,7 +116,7 @@ class Database:
         self.dialect = url.get_backend_name()
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(options)
-            self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+            self._write_engine: Engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
             self._process_write_lock: threading.Lock | None = threading.Lock()
         elif self.dialect == "postgresql":
             self.engine = _postgres_engine(options)

@@ -9,33 +9,47 @@ method name here: nothing in the chain looks at metadata in ``intercept_service`
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 Behavior = Callable[..., Any]
 
-_MISSING = object()
+
+# grpc-stubs makes ServerInterceptor generic over request and response types; at runtime it
+# is a plain ABC and cannot be subscripted, so the parameterised base exists only for mypy.
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.ServerInterceptor
 
 
-class WrappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class WrappingInterceptor(_ServerInterceptor):
     """Subclasses implement :meth:`wrap`, returning a behaviour with the same signature."""
 
     def __init__(self) -> None:
-        self._handlers: dict[str, Any] = {}
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
     def wrap(self, behavior: Behavior, method: str, *, response_streaming: bool) -> Behavior:
         raise NotImplementedError
 
-    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method: str = handler_call_details.method
-        handler = self._handlers.get(method, _MISSING)
-        if handler is _MISSING:
-            handler = self._wrap_handler(continuation(handler_call_details), method)
-            self._handlers[method] = handler
+        try:
+            return self._handlers[method]
+        except KeyError:
+            pass
+        handler = self._wrap_handler(continuation(handler_call_details), method)
+        self._handlers[method] = handler
         return handler
 
-    def _wrap_handler(self, handler: Any, method: str) -> Any:
+    def _wrap_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any] | None, method: str
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         if handler is None:
             return None
         kinds = {

@@ -38,7 +38,8 @@ class RequestContextInterceptor(WrappingInterceptor):
     def wrap(self, behavior: Behavior, method: str, *, response_streaming: bool) -> Behavior:
         def log_outcome(context: grpc.ServicerContext, started: float) -> None:
             if access_log.isEnabledFor(logging.INFO):
-                code = context.code() or grpc.StatusCode.OK
+                # code() exists since grpcio 1.38; grpc-stubs lacks it.
+                code = context.code() or grpc.StatusCode.OK  # type: ignore[attr-defined]
                 access_log.info(
                     "rpc finished",
                     extra={"grpc_code": code.name, "duration_ms": round((time.perf_counter() - started) * 1000, 3)},

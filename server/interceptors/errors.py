@@ -73,7 +73,9 @@ def rich_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict
     request_id = metadata.get("request_id")
     if request_id:
         # abort_with_status replaces trailing metadata: keep the request ID header too.
-        status = status._replace(trailing_metadata=(*status.trailing_metadata, ("x-request-id", request_id)))
+        # to_status returns a namedtuple subclass of grpc.Status; grpc-stubs types it as plain grpc.Status.
+        status = status._replace(  # type: ignore[attr-defined]
+            trailing_metadata=(*status.trailing_metadata, ("x-request-id", request_id)))
     return status
 
 
@@ -104,7 +106,8 @@ class ErrorInterceptor(WrappingInterceptor):
 
     def wrap(self, behavior: Behavior, method: str, *, response_streaming: bool) -> Behavior:
         def translate(exc: Exception, context: grpc.ServicerContext) -> None:
-            if context.code() is not None:
+            # code() exists since grpcio 1.38; grpc-stubs lacks it.
+            if context.code() is not None:  # type: ignore[attr-defined]
                 raise exc  # the servicer already aborted with a status of its own
             if isinstance(exc, errors.StitchgraphError):
                 context.abort_with_status(status_for(exc))

@@ -31,7 +31,8 @@ class MetricsInterceptor(WrappingInterceptor):
 
         def record(context: grpc.ServicerContext, started: float) -> None:
             latency.observe(time.perf_counter() - started)
-            code = context.code() or grpc.StatusCode.OK
+            # code() exists since grpcio 1.38; grpc-stubs lacks it.
+            code = context.code() or grpc.StatusCode.OK  # type: ignore[attr-defined]
             counter = counters.get(code)
             if counter is None:
                 counter = counters[code] = RPC_TOTAL.labels(method, code.name)

@@ -37,6 +37,6 @@ def complete_servicer(service: ServiceSpec, servicer_cls: type | None = None) ->
     for method in service.descriptor.methods:
         if method.name not in implemented:
             rpc = _not_implemented(f"{service.full_name}.{method.name}", feature_of(service, method.name))
-            rpc._not_implemented = True  # type: ignore[attr-defined]
+            rpc._not_implemented = True
             namespace[method.name] = rpc
     return type(base.__name__, (base,), namespace)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -35,7 +36,7 @@ from stitchgraph.idempotency import run_idempotent
 from stitchgraph.v1 import common_pb2, identity_pb2, identity_service_pb2, identity_service_pb2_grpc
 
 pb = identity_service_pb2
-R = TypeVar("R")
+R = TypeVar("R", bound=Message)
 
 MAX_FUTURE_SKEW = timedelta(hours=24)
 _SERVICE = "/stitchgraph.v1.IdentityService/"
@@ -95,7 +96,8 @@ def _pair_pb(first: Identifier | None, second: Identifier | None) -> identity_pb
 
 def link_pb(link: LinkView) -> identity_pb2.Link:
     return identity_pb2.Link(
-        pair=_pair_pb(link.first, link.second), decision=_DECISION_TO_PB.get(link.decision, 0), reason=link.reason,
+        pair=_pair_pb(link.first, link.second),
+        decision=_DECISION_TO_PB.get(link.decision, identity_pb2.LINK_DECISION_KIND_UNSPECIFIED), reason=link.reason,
         detail=link.detail, source=link.source, occurred_at=_ts_us(link.occurred_us), event_id=link.event_id,
         request_id=link.request_id, times_seen=link.times_seen, last_seen_time=_ts_us(link.last_seen_us),
         operator=link.operator,
@@ -108,8 +110,10 @@ def history_pb(entry: HistoryView) -> identity_pb2.HistoryEntry:
     if entry.kind == "IDENTIFIER_IGNORED" and subject:
         shown = f" value {subject['value']!r}" if subject.get("value") else ""
         detail = f"ignored {subject.get('type')}{shown}: {entry.detail}"
+    # Value() is typed as returning a plain int; the generated stubs declare the field as the enum type.
+    kind = cast(identity_pb2.HistoryEntryKind, identity_pb2.HistoryEntryKind.Value(f"HISTORY_ENTRY_KIND_{entry.kind}"))
     return identity_pb2.HistoryEntry(
-        id=str(entry.id), kind=identity_pb2.HistoryEntryKind.Value(f"HISTORY_ENTRY_KIND_{entry.kind}"),
+        id=str(entry.id), kind=kind,
         time=_ts_us(entry.occurred_us), person_id=entry.person_id, related_person_ids=entry.related_person_ids,
         pair=_pair_pb(*entry.pair), reason=entry.reason, detail=detail, operator=entry.operator,
         event_id=entry.event_id, source=entry.source,
@@ -119,7 +123,8 @@ def history_pb(entry: HistoryView) -> identity_pb2.HistoryEntry:
 def erasure_pb(view: ErasureView) -> identity_pb2.Erasure:
     return identity_pb2.Erasure(
         name=f"erasures/{view.id}", person_id=view.person_id, identifier_hashes=view.identifier_hashes,
-        state=_ERASURE_STATES.get(view.state, 0), create_time=_timestamp(view.created_at),
+        state=_ERASURE_STATES.get(view.state, identity_pb2.ERASURE_STATE_UNSPECIFIED),
+        create_time=_timestamp(view.created_at),
         update_time=_timestamp(view.created_at), operator=view.operator, reason=view.reason,
         identifier_count=len(view.identifier_hashes),
     )
@@ -193,7 +198,7 @@ def parse_person_name(name: str, field: str = "name") -> str:
 def _occurred_at(message: Any, field: str = "occurred_at") -> datetime | None:
     if not message.HasField(field):
         return None
-    moment = getattr(message, field).ToDatetime(tzinfo=UTC)
+    moment: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
     if moment > datetime.now(UTC) + MAX_FUTURE_SKEW:
         raise InvalidArgument.for_field(field, "is more than 24 hours in the future")
     if moment.year < 2000:
@@ -209,14 +214,14 @@ def _require_identifier(message: common_pb2.Identifier, field: str) -> tuple[str
 
 # -- the servicer ---------------------------------------------------------------------------
 
-class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):  # type: ignore[misc]
+class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
     def __init__(self, app: Application) -> None:
         self._app = app
         self._db = app.db
         self._ops: IdentityOperations = app.identity
 
     def _mutate(self, method: str, request: Any, response_type: type[R], op: Callable[[Session], R]) -> R:
-        return run_idempotent(self._db, _SERVICE + method, request, response_type, op)  # type: ignore[type-var]
+        return run_idempotent(self._db, _SERVICE + method, request, response_type, op)
 
     def _operator(self, requested: str) -> str:
         return requested or current_principal() or "unknown"

@@ -25,7 +25,7 @@ FEATURE_DESCRIPTIONS = {
 }
 
 
-class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):  # type: ignore[misc]
+class SystemServicer(system_service_pb2_grpc.SystemServiceServicer):
     def __init__(self, app: Application) -> None:
         self._app = app
         self._started = Timestamp()
