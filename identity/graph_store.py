@@ -56,7 +56,7 @@ from identity.models import (
     TombstoneRow,
 )
 from identity.policy import CompiledPolicy
-from identity.replay import NodeInfo, StoredLink, connected_clusters, replay, stable_labels
+from identity.replay import NodeInfo, StoredLink, connected_clusters, fresh_union_find, replay, stable_labels
 from identity.sightings import Ignored, Sighting
 from stitchgraph.db import Database
 
@@ -658,22 +658,9 @@ class IdentityGraph:
             nodes[pk] = NodeInfo(type_, value, first_seen, priority.get(type_, 10_000))
             old_label[pk] = person_pk
         pins = list(rows("SELECT a_pk, b_pk FROM identity_pins"))
-        pin_map: dict[int, set[int]] = {}
-        for a, b in pins:
-            pin_map.setdefault(a, set()).add(b)
-            pin_map.setdefault(b, set()).add(a)
+        pinned_nodes = {node for pair in pins for node in pair}
         limits = policy.limits
-
-        def component_of(node: int) -> Component:
-            info = nodes[node]
-            return singleton(node, info.type, info.value, info.first_seen_us, info.priority, limits,
-                             pinned=node in pin_map)
-
-        def lone(node: int) -> Anchor:
-            info = nodes[node]
-            return Anchor(info.first_seen_us, info.priority, info.type, info.value)
-
-        uf = GuardedUnionFind(limits, component_of, pin_map, lone)
+        uf = fresh_union_find(nodes, limits, pins)
         collate = ' COLLATE "C"' if connection.dialect.name == "postgresql" else ""
         cursor = rows(
             "SELECT id, a_pk, b_pk, occurred_us, event_id, rank, forced, decision, reason FROM identity_links "
@@ -737,7 +724,7 @@ class IdentityGraph:
                     "id": label, "person_id": refs.get(root) or person_id_for(info.type, info.value),
                     "anchor_pk": root, "size": 1,
                     "merges": 0, "type_counts": {info.type: 1} if info.type in limits.type_limits else {},
-                    "pinned": 1 if root in pin_map else 0, "cluster_pk": cluster_of[label], "created_at": now,
+                    "pinned": 1 if root in pinned_nodes else 0, "cluster_pk": cluster_of[label], "created_at": now,
                     "updated_at": now})
                 continue
             anchor = nodes[comp.anchor_node]

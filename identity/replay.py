@@ -68,26 +68,32 @@ def replay(
     Every node appears in the result, linked or not. Raises ``KeyError`` if a link
     names a node missing from ``nodes``.
     """
-    pin_map: dict[Node, set[Node]] = {}
-    for a, b in pins:
-        pin_map.setdefault(a, set()).add(b)
-        pin_map.setdefault(b, set()).add(a)
-
-    def component_of(node: object) -> Component:
-        info = nodes[node]  # type: ignore[index]
-        return singleton(node, info.type, info.value, info.first_seen_us, info.priority, limits,
-                         pinned=node in pin_map)
-
-    def lone(node: object) -> Anchor:
-        info = nodes[node]  # type: ignore[index]
-        return Anchor(info.first_seen_us, info.priority, info.type, info.value)
-
-    uf = GuardedUnionFind(limits, component_of, pin_map, lone)
+    uf = fresh_union_find(nodes, limits, pins)
     ordered: Sequence[StoredLink] = list(links) if presorted else sorted(links, key=lambda link: link.sort_key(nodes))
     outcomes = [(link, uf.link(link.a, link.b, forced=link.forced)) for link in ordered]
     for node in nodes:
         uf.find(node)
     return ReplayResult(uf, outcomes)
+
+
+def fresh_union_find(nodes: Mapping[int, NodeInfo], limits: Limits,
+                     pins: Iterable[tuple[int, int]] = ()) -> GuardedUnionFind:
+    """A guarded union-find in which every node of ``nodes`` starts alone."""
+    pin_map: dict[Node, set[Node]] = {}
+    for a, b in pins:
+        pin_map.setdefault(a, set()).add(b)
+        pin_map.setdefault(b, set()).add(a)
+
+    def component_of(node: int) -> Component:
+        info = nodes[node]
+        return singleton(node, info.type, info.value, info.first_seen_us, info.priority, limits,
+                         pinned=node in pin_map)
+
+    def lone(node: int) -> Anchor:
+        info = nodes[node]
+        return Anchor(info.first_seen_us, info.priority, info.type, info.value)
+
+    return GuardedUnionFind(limits, component_of, pin_map, lone)
 
 
 def connected_clusters(nodes: Iterable[int], pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
