@@ -206,7 +206,9 @@ class GuardedUnionFind:
         small, other_root = (a, rb) if len(a.pinned or ()) <= len(b.pinned or ()) else (b, ra)
         for node in small.pinned or ():
             for partner in self._pins.get(node, ()):
-                if self.find(partner) == other_root:
+                # label(), not find(): a partner this union-find never met is not in
+                # either component, and must not be materialised.
+                if self.label(partner) == other_root:
                     return True
         return False
 

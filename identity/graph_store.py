@@ -24,6 +24,7 @@ persons one process would have.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -48,6 +49,7 @@ from identity.graph import (
 from identity.identifiers import Identifier, NormalizedIdentifier
 from identity.models import (
     ClusterRow,
+    CounterRow,
     HistoryRow,
     IdentifierRow,
     LinkRow,
@@ -58,7 +60,7 @@ from identity.models import (
 from identity.policy import CompiledPolicy
 from identity.replay import NodeInfo, StoredLink, connected_clusters, fresh_union_find, replay, stable_labels
 from identity.sightings import Ignored, Sighting
-from stitchgraph.db import Database
+from stitchgraph.db import Database, insert_ignoring_conflicts
 
 GRAPH_LOCK = "stitchgraph.identity-graph"
 _CHUNK = 400  # bound parameters per IN (...) list, well under every backend's limit
@@ -177,6 +179,8 @@ class _Pending:
     request_id: str
     operator: str
     existing_link: int | None = None  # id of a stored row whose key this occurrence lowers
+    seen: int = 1  # occurrences of the pair in this batch
+    last_us: int = 0  # latest occurrence time in this batch
 
 
 class _Clusters:
@@ -240,7 +244,7 @@ class IdentityGraph:
         seen_at: dict[Identifier, int] = {}
         normalized: dict[Identifier, NormalizedIdentifier] = {}
         for sighting in sightings:
-            for n in sighting.identifiers:
+            for n in sighting.kept():
                 ident = n.identifier
                 if ident not in seen_at or sighting.occurred_us < seen_at[ident]:
                     seen_at[ident] = sighting.occurred_us
@@ -262,7 +266,7 @@ class IdentityGraph:
             label_of[pk] = person_pk
 
         new_idents = [ident for ident in seen_at if ident not in pk_of]
-        next_pk = (session.execute(select(func.max(IdentifierRow.id))).scalar() or 0) + 1
+        next_pk = self._allocate_pks(session, len(new_idents))
         for offset, ident in enumerate(new_idents):
             pk = next_pk + offset
             pk_of[ident] = pk
@@ -292,14 +296,13 @@ class IdentityGraph:
             row = persons.get(label)
             if row is None:  # a new identifier, alone
                 node = info[label]
-                return singleton(label, node.type, node.value, node.first_seen_us, node.priority, policy.limits,
-                                 pinned=label in pins.pinned_nodes)
+                return singleton(label, node.type, node.value, node.first_seen_us, node.priority, policy.limits)
             anchor_pk = row.anchor_pk
             anchor_info = info.get(anchor_pk) or anchors[anchor_pk]
             return Component(row.size, row.merges, dict(row.type_counts),
                              Anchor(anchor_info.first_seen_us, anchor_info.priority, anchor_info.type,
                                     anchor_info.value), anchor_pk,
-                             set(pins.pinned_by_person[label]) if label in pins.pinned_by_person else None)
+                             {label} if label in pins.pin_map else None)
 
         def lone(label: int) -> Anchor | None:
             if label in persons:
@@ -327,14 +330,20 @@ class IdentityGraph:
                 key = LinkKey(sighting.occurred_us, sighting.event_id, rank)
                 occurrence = _Pending(key, pair[0], pair[1], sighting.forced, s_index, sighting.source,
                                       sighting.request_id, sighting.operator)
+                occurrence.last_us = key.occurred_us
                 known = pending.get(pair)
-                if known is None or key < known.key:
+                if known is None:
                     pending[pair] = occurrence
+                    continue
+                if key < known.key:
+                    pending[pair] = occurrence
+                occurrence.seen = pending[pair].seen = known.seen + 1
+                pending[pair].last_us = max(known.last_us, key.occurred_us)
         stored_links = self._load_links(session, [p for p in pending if p[0] < next_pk and p[1] < next_pk])
         resighted: list[dict[str, Any]] = []
         for pair, (link_id, stored_key, _decision) in stored_links.items():
             occurrence = pending[pair]
-            resighted.append({"id": link_id, "last_us": occurrence.key.occurred_us})
+            resighted.append({"id": link_id, "last_us": occurrence.last_us, "seen": occurrence.seen})
             if occurrence.key < stored_key:
                 occurrence.existing_link = link_id  # earlier evidence of a known pair: late by definition
             else:
@@ -405,7 +414,7 @@ class IdentityGraph:
             person_rows.append({
                 "id": root, "person_id": person_id,
                 "anchor_pk": comp.anchor_node, "size": comp.size, "merges": comp.merges,
-                "type_counts": dict(sorted(comp.counts.items())), "pinned": len(comp.pinned or ()),
+                "type_counts": dict(sorted(comp.counts.items())), "pinned": 1 if comp.pinned else 0,
                 "cluster_pk": cluster, "updated_at": now,
             })
         existing_roots = [r for r in person_rows if r["id"] in persons and _person_changed(persons[r["id"]], r)]
@@ -441,12 +450,10 @@ class IdentityGraph:
             if link.existing_link is not None:
                 link_updates.append({"id": link.existing_link, **fields})
             else:
-                link_inserts.append({"a_pk": pair[0], "b_pk": pair[1], "times_seen": 1,
-                                     "last_seen_us": link.key.occurred_us, **fields})
+                link_inserts.append({"a_pk": pair[0], "b_pk": pair[1], "times_seen": link.seen,
+                                     "last_seen_us": link.last_us, **fields})
             if decided_now is not None and decided_now.decision is Decision.REFUSED:
                 history.append(self._history("REFUSED", link, pair, now, reason=reason, detail=detail))
-            if decided_now is not None and decided_now.decision is Decision.FORCED:
-                history.append(self._history("FORCED_MERGE", link, pair, now, detail="operator merge"))
         for link, _outcome, ra, rb in merged_existing:
             entry = self._history("MERGED", link, (link.a, link.b), now,
                                   detail="two persons were joined by this link")
@@ -458,8 +465,7 @@ class IdentityGraph:
             self._bump_times_seen(session, resighted)
 
         for s_index, sighting in enumerate(sightings):
-            primary = link_index[s_index][0][2] if link_index[s_index] else \
-                (sighting.identifiers[0].identifier if sighting.identifiers else None)
+            primary = self._primary(sighting, link_index[s_index], priority_of)
             for ignored in results[s_index].ignored:
                 if primary is None:
                     continue
@@ -490,10 +496,9 @@ class IdentityGraph:
             decided.update(self._load_decisions(session, unknown))
         primaries = {}
         for s_index, sighting in enumerate(sightings):
-            if link_index[s_index]:
-                primaries[s_index] = pk_of[link_index[s_index][0][2]]
-            elif sighting.identifiers:
-                primaries[s_index] = pk_of[sighting.identifiers[0].identifier]
+            primary = self._primary(sighting, link_index[s_index], priority_of)
+            if primary is not None:
+                primaries[s_index] = pk_of[primary]
         if clusters.dirty:
             person_of = self._person_pks(session, list(set(primaries.values())))
         else:
@@ -505,6 +510,29 @@ class IdentityGraph:
                 decision, reason, detail = decided[(a, b)]
                 result.links.append(LinkResult(strong, partner, Decision(decision), reason, detail))
         return results
+
+    @staticmethod
+    def _allocate_pks(session: Session, count: int) -> int:
+        """The first of ``count`` fresh identifier primary keys (the caller holds the graph
+        lock). Keys are never reused, even after the largest one was erased."""
+        current = session.execute(select(CounterRow.value).where(CounterRow.name == "identifier")).scalar()
+        if current is None:
+            current = session.execute(select(func.max(IdentifierRow.id))).scalar() or 0
+            insert_ignoring_conflicts(session, CounterRow.__table__, {"name": "identifier", "value": current})
+        if count:
+            session.execute(update(CounterRow).where(CounterRow.name == "identifier")
+                            .values(value=current + count))
+        return int(current) + 1
+
+    @staticmethod
+    def _primary(sighting: Sighting, links: Sequence[tuple[int, int, Identifier, Identifier]],
+                 priority_of: dict[str, int]) -> Identifier | None:
+        """The identifier whose person answers for a sighting: the centre of its links,
+        else its strongest identifier that was not erased."""
+        if links:
+            return links[0][2]
+        kept = [i for i in sighting.ordered(priority_of) if i not in sighting.erased]
+        return kept[0] if kept else None
 
     # -- slow path ------------------------------------------------------------------------
 
@@ -574,7 +602,8 @@ class IdentityGraph:
                 "id": label, "person_id": refs.get(comp.anchor_node) or person_id_for(anchor.type, anchor.value),
                 "anchor_pk": comp.anchor_node,
                 "size": comp.size, "merges": comp.merges, "type_counts": dict(sorted(comp.counts.items())),
-                "pinned": len(comp.pinned or ()), "cluster_pk": cluster_of[label], "created_at": now, "updated_at": now,
+                "pinned": 1 if comp.pinned else 0, "cluster_pk": cluster_of[label], "created_at": now,
+                "updated_at": now,
             })
         if person_rows:
             session.execute(insert(_PERSONS), person_rows)
@@ -732,7 +761,7 @@ class IdentityGraph:
                 "id": label, "person_id": refs.get(comp.anchor_node) or person_id_for(anchor.type, anchor.value),
                 "anchor_pk": comp.anchor_node, "size": comp.size, "merges": comp.merges,
                 "type_counts": dict(comp.counts),
-                "pinned": len(comp.pinned or ()), "cluster_pk": cluster_of[label], "created_at": now,
+                "pinned": 1 if comp.pinned else 0, "cluster_pk": cluster_of[label], "created_at": now,
                 "updated_at": now})
         # Write only the difference from what is stored: a rebuild of a consistent store
         # reads everything and writes nothing.
@@ -786,19 +815,17 @@ class IdentityGraph:
             return list(sightings), {}
         kept, reborn = [], {}
         for index, sighting in enumerate(sightings):
-            keep = []
+            erased_now = set()
             for n in sighting.identifiers:
                 tombstone = erased.get(hashes[n.identifier])
                 if tombstone is not None and sighting.occurred_us <= tombstone[0]:
+                    erased_now.add(n.identifier)
                     results[index].ignored.append(Ignored(-1, n.identifier.type, "ERASED",
                                                           "this identifier was erased; evidence from before "
                                                           "the erasure cannot bring it back", None))
-                    continue
-                if tombstone is not None:
+                elif tombstone is not None:
                     reborn[n.identifier] = tombstone[1]
-                keep.append(n)
-            kept.append(Sighting(tuple(keep), sighting.occurred_us, sighting.event_id, sighting.source,
-                                 sighting.request_id, sighting.forced, sighting.operator, sighting.ignored))
+            kept.append(dataclasses.replace(sighting, erased=frozenset(erased_now)) if erased_now else sighting)
         return kept, reborn
 
     @staticmethod
@@ -843,22 +870,23 @@ class IdentityGraph:
         return found, persons
 
     def _load_pins(self, session: Session, pinned_persons: Sequence[int]) -> _Pins:
+        """The pins of ``pinned_persons``, translated to person labels: the fast path's
+        union-find holds persons, and a pin between two identifiers keeps apart the
+        persons that hold them."""
         pins = _Pins()
         if not pinned_persons:
             return pins
-        members = [row for chunk in _chunks(list(pinned_persons)) for row in session.execute(
-            select(IdentifierRow.id, IdentifierRow.person_pk).where(IdentifierRow.person_pk.in_(chunk)))]
-        ids = [m.id for m in members]
-        for chunk in _chunks(ids):
-            for a, b in session.execute(select(PinRow.a_pk, PinRow.b_pk).where(
-                    PinRow.a_pk.in_(chunk) | PinRow.b_pk.in_(chunk))):
-                pins.pin_map.setdefault(a, set()).add(b)
-                pins.pin_map.setdefault(b, set()).add(a)
-        person_of = {m.id: m.person_pk for m in members}
-        for node in pins.pin_map:
-            if node in person_of:
-                pins.pinned_by_person.setdefault(person_of[node], set()).add(node)
-            pins.pinned_nodes.add(node)
+        members = [row.id for chunk in _chunks(list(pinned_persons)) for row in session.execute(
+            select(IdentifierRow.id).where(IdentifierRow.person_pk.in_(chunk)))]
+        pairs = {(a, b) for chunk in _chunks(members) for a, b in session.execute(
+            select(PinRow.a_pk, PinRow.b_pk).where(PinRow.a_pk.in_(chunk) | PinRow.b_pk.in_(chunk)))}
+        ends = sorted({node for pair in pairs for node in pair})
+        person_of = {pk: person for chunk in _chunks(ends) for pk, person in session.execute(
+            select(IdentifierRow.id, IdentifierRow.person_pk).where(IdentifierRow.id.in_(chunk)))}
+        for a, b in pairs:
+            pa, pb = person_of[a], person_of[b]
+            pins.pin_map.setdefault(pa, set()).add(pb)
+            pins.pin_map.setdefault(pb, set()).add(pa)
         return pins
 
     @staticmethod
@@ -907,10 +935,10 @@ class IdentityGraph:
     @staticmethod
     def _bump_times_seen(session: Session, resighted: list[dict[str, Any]]) -> None:
         statement = update(_LINKS).where(_LINKS.c.id == bindparam("_id")).values(
-            times_seen=_LINKS.c.times_seen + 1,
+            times_seen=_LINKS.c.times_seen + bindparam("_seen"),
             last_seen_us=case((_LINKS.c.last_seen_us < bindparam("_last"), bindparam("_last")),
                               else_=_LINKS.c.last_seen_us))
-        session.execute(statement, [{"_id": r["id"], "_last": r["last_us"]} for r in resighted])
+        session.execute(statement, [{"_id": r["id"], "_last": r["last_us"], "_seen": r["seen"]} for r in resighted])
 
     @staticmethod
     def _history(kind: str, link: _Pending, pair: tuple[int, int], now: datetime, *, reason: str = "",
@@ -942,9 +970,8 @@ class _StoredPerson:
 
 @dataclass
 class _Pins:
+    # Person label -> labels of the persons it must never join.
     pin_map: dict[int, set[int]] = field(default_factory=dict)
-    pinned_by_person: dict[int, set[int]] = field(default_factory=dict)
-    pinned_nodes: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)

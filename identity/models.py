@@ -63,6 +63,7 @@ class PersonRow(Base):
     merges: Mapped[int] = mapped_column(Integer)
     # Counts of identifier types that have a per-person limit, e.g. {"user_id": 1}.
     type_counts: Mapped[dict[str, int]] = mapped_column(JSON)
+    # 1 when any identifier of the person is pinned apart from another person (gates loading pins).
     pinned: Mapped[int] = mapped_column(Integer, default=0)
     cluster_pk: Mapped[int] = mapped_column(BigInteger, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -163,3 +164,13 @@ class PolicyRow(Base):
     policy: Mapped[dict[str, Any]] = mapped_column(JSON)
     etag: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class CounterRow(Base):
+    """Monotonic counters; ``identifier`` hands out identifier primary keys, so a key is
+    never reused after its identifier was erased or blocklisted."""
+
+    __tablename__ = "identity_counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)

@@ -17,7 +17,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from identity.graph_store import GRAPH_LOCK, IdentityGraph, RebuildStats, SightingResult, identifier_hash
-from identity.identifiers import Identifier
+from identity.identifiers import Identifier, NormalizedIdentifier
 from identity.models import (
     ErasureRow,
     HistoryRow,
@@ -34,6 +34,7 @@ from identity.sightings import Sighting, derived_event_id, prepare_identifiers, 
 from identity.views import ErasureView, IdentifyOutcome, IgnoredView, LinkOutcomeView, PersonView
 from stitchgraph.db import Database, insert_ignoring_conflicts
 from stitchgraph.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from stitchgraph.idempotency import forget_subjects
 
 MAX_IDENTIFIERS_PER_CALL = 50
 
@@ -63,19 +64,26 @@ class IdentityOperations:
     # -- policy ---------------------------------------------------------------------------
 
     def policy(self, session: Session) -> CompiledPolicy:
-        """The policy in force (seeded from configuration on first use), compiled once per version."""
+        """The policy in force, compiled once per version. Until an operator stores one,
+        the configured seed is in force; reading never writes (reads run read-only)."""
         etag = session.execute(select(PolicyRow.etag).where(PolicyRow.id == 1)).scalar()
-        if etag is None:
-            seed = self._seed_policy
-            insert_ignoring_conflicts(session, PolicyRow.__table__, {
-                "id": 1, "policy": seed.to_dict(), "etag": seed.etag, "updated_at": datetime.now(UTC)})
-            etag = session.execute(select(PolicyRow.etag).where(PolicyRow.id == 1)).scalar_one()
         with self._lock:
+            if etag is None:
+                if self._compiled is None or self._compiled_etag != self._seed_policy.etag:
+                    self._compiled = CompiledPolicy.build(self._seed_policy)
+                    self._compiled_etag = self._seed_policy.etag
+                return self._compiled
             if self._compiled is None or self._compiled_etag != etag:
                 stored: dict[str, Any] = session.execute(select(PolicyRow.policy).where(PolicyRow.id == 1)).scalar_one()
                 self._compiled = CompiledPolicy.build(IdentityPolicy.from_dict(stored))
                 self._compiled_etag = etag
             return self._compiled
+
+    def _store_seed_policy(self, session: Session) -> None:
+        """Make the seed the stored policy if none is stored (a concurrent writer's wins)."""
+        seed = self._seed_policy
+        insert_ignoring_conflicts(session, PolicyRow.__table__, {
+            "id": 1, "policy": seed.to_dict(), "etag": seed.etag, "updated_at": datetime.now(UTC)})
 
     def update_policy(self, session: Session, policy: IdentityPolicy, *, etag: str, operator: str) -> tuple[
             IdentityPolicy, RebuildStats]:
@@ -84,6 +92,7 @@ class IdentityOperations:
         Raises :class:`Aborted` when ``etag`` is given and stale.
         """
         self.db.advisory_lock(session, GRAPH_LOCK)
+        self._store_seed_policy(session)
         current = self.policy(session)
         if etag and etag != current.policy.etag:
             raise Aborted("the identity policy changed since it was read; read it again and retry",
@@ -97,6 +106,7 @@ class IdentityOperations:
 
     def preview_policy(self, session: Session, policy: IdentityPolicy) -> PolicyPreview:
         """What :meth:`update_policy` would change, computed without writing anything."""
+        self.db.advisory_lock(session, GRAPH_LOCK)
         compiled = CompiledPolicy.build(policy)
         ignored = sum(1 for row in session.execute(select(IdentifierRow.type, IdentifierRow.value))
                       if compiled.blocklist.match(row.type, row.value) is not None)
@@ -146,6 +156,7 @@ class IdentityOperations:
             chunk = ids[start:start + 400]
             session.execute(delete(LinkRow).where(or_(LinkRow.a_pk.in_(chunk), LinkRow.b_pk.in_(chunk))))
             session.execute(delete(PinRow).where(or_(PinRow.a_pk.in_(chunk), PinRow.b_pk.in_(chunk))))
+            session.execute(delete(HistoryRow).where(or_(HistoryRow.a_pk.in_(chunk), HistoryRow.b_pk.in_(chunk))))
             session.execute(delete(IdentifierRow).where(IdentifierRow.id.in_(chunk)))
 
     # -- ingest ---------------------------------------------------------------------------
@@ -161,6 +172,8 @@ class IdentityOperations:
 
         Raises :class:`InvalidArgument` (nothing stored) when any identifier is invalid.
         """
+        # The graph lock first: the policy read must not predate a concurrent policy change.
+        self.db.advisory_lock(session, GRAPH_LOCK)
         policy = self.policy(session)
         sightings = [self._sighting(policy, item, i, field_prefix, forced, operator, len(raw) > 1)
                      for i, item in enumerate(raw)]
@@ -169,6 +182,7 @@ class IdentityOperations:
 
     def observe_results(self, session: Session, raw: Sequence[RawSighting]) -> list[SightingResult]:
         """Like :meth:`observe` but returns the graph's raw results (no person views); for bulk loads."""
+        self.db.advisory_lock(session, GRAPH_LOCK)
         policy = self.policy(session)
         sightings = [self._sighting(policy, item, i, "", False, "", len(raw) > 1) for i, item in enumerate(raw)]
         return self.graph.observe(session, policy, sightings)
@@ -182,10 +196,11 @@ class IdentityOperations:
         if len(item.identifiers) > MAX_IDENTIFIERS_PER_CALL:
             raise InvalidArgument.for_field(f"{prefix}identifiers",
                                             f"at most {MAX_IDENTIFIERS_PER_CALL} identifiers per call")
-        if len(item.source) > 128:
-            raise InvalidArgument.for_field(f"{prefix}source", "must be at most 128 characters")
-        if len(item.event_id) > 256:
-            raise InvalidArgument.for_field(f"{prefix}event_id", "must be at most 256 characters")
+        for name, text, limit in (("source", item.source, 128), ("event_id", item.event_id, 256)):
+            if len(text) > limit:
+                raise InvalidArgument.for_field(f"{prefix}{name}", f"must be at most {limit} characters")
+            if not text.isprintable():
+                raise InvalidArgument.for_field(f"{prefix}{name}", "must not contain control characters")
         normalized, ignored = prepare_identifiers(policy, item.identifiers, field_prefix=f"{prefix}identifiers")
         occurred = item.occurred_at or datetime.now(UTC)
         occurred_us = to_micros(occurred)
@@ -224,11 +239,13 @@ class IdentityOperations:
         if pinned and not override_pins:
             raise FailedPrecondition("an operator split keeps these persons apart; set override_pins to merge anyway",
                                      reason="PINNED_SPLIT")
-        if pinned:
-            # Pin counts on person rows only gate a slower exact check, so a count left
-            # too high by this delete is harmless; re-resolution recomputes it.
-            session.execute(delete(PinRow).where(PinRow.id.in_(pinned)))
         policy = self.policy(session)
+        if pinned:
+            # Without these pins other links may decide differently too: re-resolve both
+            # persons' clusters from their evidence before forcing the merge.
+            clusters = {person_row(session, pk).cluster_pk for pk in pks}  # type: ignore[union-attr]
+            session.execute(delete(PinRow).where(PinRow.id.in_(pinned)))
+            self.graph.resolve_clusters(session, policy, clusters, reason="operator merge", operator=operator)
         a, b = sorted(anchors)
         now_us = to_micros(datetime.now(UTC))
         event_id = f"merge:{request_id or uuid.uuid4().hex}"
@@ -236,13 +253,12 @@ class IdentityOperations:
         if existing is not None:
             existing.forced, existing.operator = True, operator
             session.flush()
-            cluster = person_row(session, pks[0]).cluster_pk  # type: ignore[union-attr]
+            holder = session.execute(select(IdentifierRow.person_pk).where(IdentifierRow.id == a)).scalar_one()
+            cluster = person_row(session, holder).cluster_pk  # type: ignore[union-attr]
             self.graph.resolve_clusters(session, policy, [cluster], reason="operator merge", operator=operator)
         else:
             identifiers = session.execute(select(IdentifierRow.type, IdentifierRow.value)
                                           .where(IdentifierRow.id.in_([a, b]))).all()
-            from identity.identifiers import NormalizedIdentifier
-
             sighting = Sighting(tuple(NormalizedIdentifier(Identifier(r.type, r.value)) for r in identifiers),
                                 now_us, event_id, "operator", request_id, True, operator)
             self.graph.observe(session, policy, [sighting])
@@ -353,6 +369,8 @@ class IdentityOperations:
                                 .values(erased_us=now_us, erasure_id=erasure_id))
             else:
                 session.add(TombstoneRow(identifier_hash=h, erased_us=now_us, erasure_id=erasure_id))
+        # Stored responses of earlier requests name these identifiers: forget them too.
+        forget_subjects(session, hashes)
         row = ErasureRow(id=erasure_id, person_id=person.person_id, identifier_hashes=hashes, state="PENDING",
                          operator=operator, reason=reason, created_at=now)
         session.add(row)

@@ -46,13 +46,27 @@ class Sighting:
     forced: bool = False
     operator: str = ""
     ignored: tuple[Ignored, ...] = field(default=())
+    # Identifiers erased after this evidence: they shape the star but link nothing.
+    erased: frozenset[Identifier] = frozenset()
+
+    def kept(self) -> list[NormalizedIdentifier]:
+        return [n for n in self.identifiers if n.identifier not in self.erased]
+
+    def ordered(self, priority_of: dict[str, int]) -> list[Identifier]:
+        """The call's identifiers, strongest first."""
+        return sorted({n.identifier for n in self.identifiers},
+                      key=lambda i: (priority_of.get(i.type, 10_000), i.type, i.value))
 
     def star(self, priority_of: dict[str, int]) -> list[tuple[Identifier, Identifier, int]]:
-        """The call's links as (strong, partner, rank) in rank order."""
-        ids = sorted({n.identifier for n in self.identifiers},
-                     key=lambda i: (priority_of.get(i.type, 10_000), i.type, i.value))
-        primary = ids[0] if ids else None
-        return [(primary, other, rank) for rank, other in enumerate(ids[1:])] if primary else []
+        """The call's links as (strong, partner, rank) in rank order. The star is drawn
+        over every identifier the call named; links touching an erased one are left out,
+        so the remaining identifiers are never linked to each other instead."""
+        ids = self.ordered(priority_of)
+        if not ids:
+            return []
+        primary = ids[0]
+        return [(primary, other, rank) for rank, other in enumerate(ids[1:])
+                if primary not in self.erased and other not in self.erased]
 
 
 def to_micros(moment: datetime) -> int:

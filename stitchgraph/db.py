@@ -124,7 +124,11 @@ class Database:
             self._process_write_lock = None
         else:
             raise ValueError(f"unsupported database dialect {self.dialect!r}: use sqlite or postgresql")
-        self._read_sessions = sessionmaker(bind=self.engine, expire_on_commit=False, autoflush=False)
+        # Reads see one snapshot: SQLite's deferred read transaction in WAL mode already
+        # does; PostgreSQL needs REPEATABLE READ (READ COMMITTED re-snapshots per statement).
+        read_engine = self.engine.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True) \
+            if self.is_postgres else self.engine
+        self._read_sessions = sessionmaker(bind=read_engine, expire_on_commit=False, autoflush=False)
         self._write_sessions = sessionmaker(bind=self._write_engine, expire_on_commit=False, autoflush=False)
 
     @property

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import DateTime, LargeBinary, String
+from sqlalchemy import Boolean, DateTime, LargeBinary, String, delete, false, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from stitchgraph.db import Base, Database
-from stitchgraph.errors import Aborted, InvalidArgument
+from stitchgraph.errors import Aborted, FailedPrecondition, InvalidArgument
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 
@@ -45,6 +45,43 @@ class IdempotencyRecord(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     response: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The response named an erased person and was dropped; the key stays so a retry
+    # cannot run again as new evidence.
+    forgotten: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class IdempotencySubject(Base):
+    """Which stored responses mention which subject (for identity: the SHA-256 of an
+    identifier's ``type:value``), so erasing a person can forget them."""
+
+    __tablename__ = "idempotency_subjects"
+
+    method: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(MAX_REQUEST_ID_LENGTH), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+def forget_subjects(session: Session, subjects: Iterable[str]) -> int:
+    """Drop every stored response that mentions one of ``subjects``; return how many.
+
+    The keys stay: a retry of such a request gets ``FAILED_PRECONDITION`` (reason
+    ``REQUEST_SUBJECT_ERASED``) instead of running again, which would turn old evidence
+    into new.
+    """
+    wanted = sorted(set(subjects))
+    keys: set[tuple[str, str]] = set()
+    for start in range(0, len(wanted), 400):
+        chunk = wanted[start:start + 400]
+        keys.update((row[0], row[1]) for row in session.execute(
+            select(IdempotencySubject.method, IdempotencySubject.request_id)
+            .where(IdempotencySubject.subject.in_(chunk))))
+    for method, request_id in keys:
+        session.execute(delete(IdempotencySubject).where(IdempotencySubject.method == method,
+                                                         IdempotencySubject.request_id == request_id))
+        session.execute(update(IdempotencyRecord).where(IdempotencyRecord.method == method,
+                                                        IdempotencyRecord.request_id == request_id)
+                        .values(response=None, forgotten=True))
+    return len(keys)
 
 
 def request_fingerprint(request: Message) -> str:
@@ -70,11 +107,14 @@ def run_idempotent(
     request: Message,
     response_type: type[ResponseT],
     operation: Callable[[Session], ResponseT],
+    subjects: Callable[[ResponseT], Iterable[str]] | None = None,
 ) -> ResponseT:
     """Run ``operation`` in one write transaction, at most once per ``request.request_id``.
 
     Returns the operation's response, or the stored response of an earlier call with
-    the same request ID and body. Raises :class:`InvalidArgument` when the request ID
+    the same request ID and body. ``subjects`` names what the stored response mentions,
+    so :func:`forget_subjects` can delete it later (personal data must not outlive an
+    erasure in a stored response). Raises :class:`InvalidArgument` when the request ID
     is malformed or was used before with a different body; whatever ``operation``
     raises propagates and nothing of it (nor the key) is stored.
     """
@@ -101,6 +141,8 @@ def run_idempotent(
                 session.flush()
                 response = operation(session)
                 record.response = response.SerializeToString(deterministic=True)
+                for subject in sorted(set(subjects(response))) if subjects else ():
+                    session.add(IdempotencySubject(method=method, request_id=request_id, subject=subject))
                 return response
         except IntegrityError:
             # Another transaction committed the same key first: loop and replay it.
@@ -109,6 +151,9 @@ def run_idempotent(
 
 
 def _replay(stored: IdempotencyRecord, fingerprint: str, response_type: type[ResponseT]) -> ResponseT:
+    if stored.forgotten:
+        raise FailedPrecondition("this request concerned a person who has since been erased; its result is gone",
+                                 reason="REQUEST_SUBJECT_ERASED")
     if stored.fingerprint != fingerprint:
         raise InvalidArgument.for_field(
             "request_id",

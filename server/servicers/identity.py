@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from identity.blocklist import BlocklistEntry
+from identity.graph_store import GRAPH_LOCK, identifier_hash
 from identity.identifiers import BUILTIN_TYPES, Identifier, IdentifierType
 from identity.models import ErasureRow, PersonRow
 from identity.operations import IdentityOperations, RawSighting
@@ -187,6 +188,28 @@ def _outcome_fields(outcome: IdentifyOutcome) -> dict[str, Any]:
     }
 
 
+def identifier_subjects(response: Message) -> set[str]:
+    """Tombstone hashes of every identifier a stored response mentions (persons,
+    decisions), so erasing one of them forgets the response (see ``forget_subjects``)."""
+    found: set[str] = set()
+
+    def walk(message: Message) -> None:
+        if isinstance(message, common_pb2.Identifier):
+            if message.type:
+                found.add(identifier_hash(message.type, message.value))
+            return
+        for _field, value in message.ListFields():
+            if isinstance(value, Message):
+                walk(value)
+            elif not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+                for item in value.values() if hasattr(value, "values") else value:
+                    if isinstance(item, Message):
+                        walk(item)
+
+    walk(response)
+    return found
+
+
 def parse_person_name(name: str, field: str = "name") -> str:
     """The person ID of ``persons/{id}`` (a bare ID is accepted too)."""
     person_id = name.removeprefix("persons/")
@@ -221,7 +244,7 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
         self._ops: IdentityOperations = app.identity
 
     def _mutate(self, method: str, request: Any, response_type: type[R], op: Callable[[Session], R]) -> R:
-        return run_idempotent(self._db, _SERVICE + method, request, response_type, op)
+        return run_idempotent(self._db, _SERVICE + method, request, response_type, op, subjects=identifier_subjects)
 
     def _operator(self, requested: str) -> str:
         return requested or current_principal() or "unknown"
@@ -391,6 +414,7 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
         operator = self._operator("")
 
         def op(session: Session) -> Any:
+            self._db.advisory_lock(session, GRAPH_LOCK)  # fill unset fields from the policy in force now
             current = self._ops.policy(session).policy
             policy = self._policy_with_prefix(request.policy, current)
             etag = request.etag or request.policy.etag

@@ -1,5 +1,6 @@
 """Identity graph: identifiers, persons, clusters, links, pins, history, tombstones,
-erasures and the stored identity policy.
+erasures, the stored identity policy and the identifier key counter; the subjects of
+stored idempotent responses (so an erasure can forget them).
 
 Revision ID: 0002_identity_graph
 Revises: 0001_foundation
@@ -18,6 +19,21 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table('idempotency_records', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('forgotten', sa.Boolean(), server_default=sa.false(), nullable=False))
+    op.create_table('identity_counters',
+    sa.Column('name', sa.String(length=32), nullable=False),
+    sa.Column('value', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint('name', name=op.f('pk_identity_counters'))
+    )
+    op.create_table('idempotency_subjects',
+    sa.Column('method', sa.String(length=200), nullable=False),
+    sa.Column('request_id', sa.String(length=128), nullable=False),
+    sa.Column('subject', sa.String(length=64), nullable=False),
+    sa.PrimaryKeyConstraint('method', 'request_id', 'subject', name=op.f('pk_idempotency_subjects'))
+    )
+    with op.batch_alter_table('idempotency_subjects', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_idempotency_subjects_subject'), ['subject'], unique=False)
     op.create_table('identifiers',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('type', sa.String(length=64), nullable=False),
@@ -143,6 +159,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('idempotency_subjects', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_idempotency_subjects_subject'))
+    op.drop_table('idempotency_subjects')
+    op.drop_table('identity_counters')
+    with op.batch_alter_table('idempotency_records', schema=None) as batch_op:
+        batch_op.drop_column('forgotten')
     with op.batch_alter_table('persons', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_persons_cluster_pk'))
 
