@@ -119,12 +119,6 @@ def _driver_executemany(session: Session, table: Any, sql: str, columns: Sequenc
     connection.exec_driver_sql(sql, params)
 
 
-def _canonical_counts(stored: Any, computed: dict[str, int]) -> Any:
-    """``stored`` type counts as read through the driver (JSON text on SQLite), returned
-    as ``computed`` when they are equal so a tuple comparison can use it."""
-    return computed if _json(stored) == computed else stored
-
-
 def _json(value: Any) -> Any:
     """A JSON column read through the driver: text on SQLite, already decoded on PostgreSQL."""
     return json.loads(value) if isinstance(value, str) else value
@@ -772,8 +766,9 @@ class IdentityGraph:
             stored = stored_persons.get(row["id"])
             if stored is None:
                 fresh.append(row)
-            elif stored != (row["cluster_pk"], row["person_id"], row["anchor_pk"], row["size"], row["merges"],
-                            _canonical_counts(stored[5], row["type_counts"]), row["pinned"]):
+            elif (stored[:5] + stored[6:] != (row["cluster_pk"], row["person_id"], row["anchor_pk"], row["size"],
+                                              row["merges"], row["pinned"])
+                  or _json(stored[5]) != row["type_counts"]):
                 changed_persons.append(row)
         # Changed rows are replaced, not updated: a person ID can move from one row to
         # another, and an in-place update would collide on the unique person_id.
@@ -792,6 +787,7 @@ class IdentityGraph:
         _update_by_id(session, _LINKS, changed)
         return RebuildStats(identifiers=len(nodes), links=link_count, persons=len(person_rows),
                             relabelled=len(relabel), decisions_changed=len(changed),
+                            persons_changed=len(gone) + len(fresh) + len(changed_persons),
                             seconds=(_now() - started).total_seconds())
 
     # -- loading helpers ---------------------------------------------------------------------
@@ -982,3 +978,4 @@ class RebuildStats:
     relabelled: int
     decisions_changed: int
     seconds: float
+    persons_changed: int = 0  # person rows removed, added or changed

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from identity.identifiers import RAW_INPUT_TYPES, Identifier, NormalizedIdentifier
+from identity.identifiers import MAX_VALUE_LENGTH, RAW_INPUT_TYPES, Identifier, NormalizedIdentifier
 from identity.policy import CompiledPolicy
 from stitchgraph.errors import InvalidArgument
 
@@ -100,7 +100,10 @@ def prepare_identifiers(
     for index, (type_, value) in enumerate(raw):
         path = f"{field_prefix}[{index}]"
         shown = None if type_ in _PRIVATE_INPUT_TYPES else value[:64]
-        if type_ and value.strip() and len(value) <= 4096:
+        # Junk is only recognised in an otherwise valid identifier: an unknown type or an
+        # oversize value is an error even when it spells "null".
+        known_type = type_ in RAW_INPUT_TYPES or policy.types.get(type_) is not None
+        if known_type and value.strip() and len(value.strip()) <= MAX_VALUE_LENGTH:
             reason = policy.blocklist.match(type_, value)
             if reason is not None:
                 ignored.append(Ignored(index, type_, "JUNK_VALUE", reason, shown))

@@ -419,7 +419,7 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
             policy = self._policy_with_prefix(request.policy, current)
             etag = request.etag or request.policy.etag
             stored, stats = self._ops.update_policy(session, policy, etag=etag, operator=operator)
-            return pb.UpdateIdentityPolicyResponse(policy=policy_pb(stored), persons_changed=stats.relabelled)
+            return pb.UpdateIdentityPolicyResponse(policy=policy_pb(stored), persons_changed=stats.persons_changed)
 
         return self._mutate("UpdateIdentityPolicy", request, pb.UpdateIdentityPolicyResponse, op)
 
@@ -449,7 +449,7 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
             stats = self._ops.rebuild(session)
             return pb.RebuildIdentityGraphResponse(
                 links_processed=stats.links, persons_before=len(before), persons_after=stats.persons,
-                persons_changed=stats.relabelled, start_time=_timestamp(started),
+                persons_changed=stats.persons_changed, start_time=_timestamp(started),
                 end_time=_timestamp(datetime.now(UTC)))
 
         return self._mutate("RebuildIdentityGraph", request, pb.RebuildIdentityGraphResponse, op)
