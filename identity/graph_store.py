@@ -689,14 +689,22 @@ class IdentityGraph:
             "SELECT id, a_pk, b_pk, occurred_us, event_id, rank, forced, decision, reason FROM identity_links "
             f"ORDER BY occurred_us, event_id{collate}, rank")
         changed: list[dict[str, Any]] = []
-        cluster_pairs: list[tuple[int, int]] = []
+        # Clusters are persons joined by refused links (accepted and redundant links lie
+        # inside persons), so only refused pairs are kept; and since links arrive in key
+        # order, the last key seen at a node is the latest of any link touching it.
+        refused_pairs: list[tuple[int, int]] = []
+        last_key: dict[int, LinkKey] = {}
         link_count = 0
 
         def decide(group: list[Any]) -> None:
             if len(group) > 1:  # one key shared by several pairs: order them by identifiers
                 group.sort(key=lambda r: StoredLink(LinkKey(r[3], r[4], r[5]), r[1], r[2]).sort_key(nodes))
+            key = LinkKey(group[-1][3], group[-1][4], group[-1][5])
             for link_id, a, b, _us, _event, _rank, forced, decision, reason in group:
                 outcome = uf.link(a, b, forced=bool(forced))
+                last_key[a] = last_key[b] = key
+                if outcome.decision is Decision.REFUSED:
+                    refused_pairs.append((a, b))
                 if decision != outcome.decision.value or reason != str(outcome.reason):
                     changed.append({"id": link_id, "decision": outcome.decision.value,
                                     "reason": str(outcome.reason), "detail": outcome.detail})
@@ -704,7 +712,6 @@ class IdentityGraph:
         group: list[Any] = []
         for row in cursor:
             link_count += 1
-            cluster_pairs.append((row[1], row[2]))
             if group and (row[3], row[4], row[5]) != (group[0][3], group[0][4], group[0][5]):
                 decide(group)
                 group = []
@@ -719,15 +726,26 @@ class IdentityGraph:
         stored_persons: dict[int, tuple[Any, ...]] = {row[0]: tuple(row[1:]) for row in rows(
             "SELECT id, cluster_pk, person_id, anchor_pk, size, merges, type_counts, pinned FROM persons")}
         old_cluster = {pk: row[0] for pk, row in stored_persons.items()}
-        cluster_of = self._stable_clusters(nodes, cluster_pairs,
-                                           {n: old_cluster.get(old_label[n], -1) for n in nodes})
-        del cluster_pairs
+        person_cluster = connected_clusters(members, ((uf.label(a), uf.label(b)) for a, b in refused_pairs))
+        cluster_members: dict[int, list[int]] = {}
+        for root, ns in members.items():
+            cluster_members.setdefault(person_cluster[root], []).extend(ns)
+        cluster_labels = stable_labels(cluster_members, {n: old_cluster.get(old_label[n], -1) for n in nodes})
+        cluster_of: dict[int, int] = {}
         cluster_key: dict[int, LinkKey] = {}
-        for a, us, event, rank in rows("SELECT a_pk, occurred_us, event_id, rank FROM identity_links"):
-            cluster = cluster_of[a]
-            key = LinkKey(us, event, rank)
-            if key > cluster_key.get(cluster, NO_LINK):
-                cluster_key[cluster] = key
+        for root, ns in cluster_members.items():
+            label = cluster_labels[root]
+            latest = NO_LINK
+            for n in ns:
+                cluster_of[n] = label
+                key = last_key.get(n)
+                if key is not None and key > latest:
+                    latest = key
+            if latest is not NO_LINK:
+                cluster_key[label] = latest
+        del cluster_members
+        last_key.clear()  # the largest structures of the rebuild: free them before writing
+        refused_pairs.clear()
 
         now = _now()
         refs = dict(rows("SELECT id, person_ref FROM identifiers WHERE reborn"))

@@ -7,10 +7,11 @@ old ID leads to the person that now holds that identifier.
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
+import networkx as nx
 from sqlalchemy import func, or_, select, tuple_
 from sqlalchemy.orm import Session
 
@@ -176,34 +177,18 @@ def explain(session: Session, first: Identifier, second: Identifier) -> Explanat
 
 
 def _accepted_path(session: Session, person_pk: int, start: int, goal: int) -> list[LinkView]:
+    """The shortest chain of accepted links from ``start`` to ``goal`` inside one person
+    (bounded by the identifier cap), ties broken by link ID so the answer is stable."""
     if start == goal:
         return []
     members = select(IdentifierRow.id).where(IdentifierRow.person_pk == person_pk).scalar_subquery()
     rows = session.execute(select(LinkRow).where(
-        LinkRow.a_pk.in_(members), LinkRow.decision.in_(("accepted", "forced")))).scalars().all()
-    adjacency: dict[int, list[Any]] = {}
+        LinkRow.a_pk.in_(members), LinkRow.decision.in_(("accepted", "forced"))).order_by(LinkRow.id)).scalars().all()
+    graph = nx.Graph()
     for row in rows:
-        adjacency.setdefault(row.a_pk, []).append((row.b_pk, row))
-        adjacency.setdefault(row.b_pk, []).append((row.a_pk, row))
-    previous: dict[int, tuple[int, Any]] = {}
-    queue = deque([start])
-    seen = {start}
-    while queue:
-        node = queue.popleft()
-        if node == goal:
-            break
-        for neighbour, row in sorted(adjacency.get(node, ()), key=lambda item: item[0]):
-            if neighbour not in seen:
-                seen.add(neighbour)
-                previous[neighbour] = (node, row)
-                queue.append(neighbour)
-    path_rows = []
-    node = goal
-    while node != start:
-        node, row = previous[node]
-        path_rows.append(row)
-    path_rows.reverse()
-    return _link_views(session, path_rows)
+        graph.add_edge(row.a_pk, row.b_pk, row=row)
+    nodes = nx.shortest_path(graph, start, goal)
+    return _link_views(session, [graph.edges[a, b]["row"] for a, b in itertools.pairwise(nodes)])
 
 
 def erasure_view(row: ErasureRow) -> ErasureView:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar, cast
 import grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -38,6 +39,19 @@ from stitchgraph.v1 import common_pb2, identity_pb2, identity_service_pb2, ident
 
 pb = identity_service_pb2
 R = TypeVar("R", bound=Message)
+
+LINK_DECISIONS = Counter("stitchgraph_identity_link_decisions_total",
+                         "Links decided on ingest, by decision and refusal reason", ["decision", "reason"])
+IDENTIFIERS_IGNORED = Counter("stitchgraph_identity_identifiers_ignored_total",
+                              "Identifiers ignored on ingest (junk, erased), by reason", ["reason"])
+
+
+def count_outcome(outcome: IdentifyOutcome) -> None:
+    """Metrics of one executed Identify/Alias (replays of stored responses are not counted)."""
+    for decision in outcome.decisions:
+        LINK_DECISIONS.labels(decision.decision, decision.reason).inc()
+    for ignored in outcome.ignored:
+        IDENTIFIERS_IGNORED.labels(ignored.reason).inc()
 
 MAX_FUTURE_SKEW = timedelta(hours=24)
 _SERVICE = "/stitchgraph.v1.IdentityService/"
@@ -259,8 +273,12 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
             raise NotImplementedYet("stitchgraph.v1.IdentityService.Identify (traits)", "canonical-events")
         sighting = RawSighting([(i.type, i.value) for i in request.identifiers], _occurred_at(request),
                                request.source, request.event_id, request.request_id)
-        return self._mutate("Identify", request, pb.IdentifyResponse,
-                            lambda s: pb.IdentifyResponse(**_outcome_fields(self._ops.identify(s, sighting))))
+        def op(session: Session) -> Any:
+            outcome = self._ops.identify(session, sighting)
+            count_outcome(outcome)
+            return pb.IdentifyResponse(**_outcome_fields(outcome))
+
+        return self._mutate("Identify", request, pb.IdentifyResponse, op)
 
     def Alias(self, request: Any, context: grpc.ServicerContext) -> Any:
         violations = [FieldViolation(f, "is required") for f in ("previous_identifier", "identifier")
@@ -280,6 +298,7 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
                     FieldViolation(v.field.replace("identifiers[0]", "previous_identifier")
                                    .replace("identifiers[1]", "identifier"), v.description)
                     for v in exc.violations]) from None
+            count_outcome(outcome)
             return pb.AliasResponse(**_outcome_fields(outcome))
 
         return self._mutate("Alias", request, pb.AliasResponse, op)

@@ -81,3 +81,4 @@ def test_configuration_errors_exit_with_a_clear_message() -> None:
                             env={**os.environ, "STITCHGRAPH_AUTH_TOKENS": ""})
     assert result.returncode == 2
     assert "loopback" in result.stderr
+

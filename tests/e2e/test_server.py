@@ -80,3 +80,21 @@ def test_oversized_messages_are_refused(db_url: str) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             stub.Identify(big)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_identity_decisions_are_exported_as_metrics(channel: grpc.Channel) -> None:
+    from prometheus_client import REGISTRY
+
+    from stitchgraph.v1 import common_pb2, identity_service_pb2, identity_service_pb2_grpc
+
+    def refused() -> float:
+        return REGISTRY.get_sample_value("stitchgraph_identity_link_decisions_total",
+                                         {"decision": "refused", "reason": "TYPE_LIMIT"}) or 0.0
+
+    stub = identity_service_pb2_grpc.IdentityServiceStub(channel)
+    before = refused()
+    for user in ("u-1", "u-2"):
+        stub.Identify(identity_service_pb2.IdentifyRequest(identifiers=[
+            common_pb2.Identifier(type="user_id", value=user),
+            common_pb2.Identifier(type="anonymous_id", value="kiosk")]))
+    assert refused() == before + 1
