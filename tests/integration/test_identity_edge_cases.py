@@ -3,9 +3,6 @@ idempotency after erasure, batching, concurrency and snapshots on PostgreSQL, in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
-
 import pytest
 from sqlalchemy import select
 
@@ -15,40 +12,9 @@ from identity.models import IdentifierRow, LinkRow
 from identity.operations import IdentityOperations, RawSighting
 from identity.policy import IdentityPolicy
 from identity.queries import list_history, person_pk_by_identifier, person_view
-from identity.views import PersonView
 from stitchgraph.db import Database
 from tests.support.grpc_client import rich_error
-
-T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
-Ident = tuple[str, str]
-
-
-def at(minutes: float) -> datetime:
-    return T0 + timedelta(minutes=minutes)
-
-
-def U(v: str) -> Ident:
-    return ("user_id", v)
-
-
-def A(v: str) -> Ident:
-    return ("anonymous_id", v)
-
-
-def identify(ops: IdentityOperations, db: Database, identifiers: Sequence[Ident], minutes: float, **kw: str):
-    with db.transaction() as session:
-        return ops.identify(session, RawSighting(list(identifiers), at(minutes), **kw))
-
-
-def person_of(db: Database, identifier: Ident) -> PersonView:
-    with db.read() as session:
-        pk = person_pk_by_identifier(session, Identifier(*identifier))
-        assert pk is not None
-        return person_view(session, pk)
-
-
-def held(person: PersonView) -> set[Ident]:
-    return {(i.type, i.value) for i in person.identifiers}
+from tests.support.identity import A, Ident, U, at, held, identify, person_of
 
 
 def rebuild_stats(ops: IdentityOperations, db: Database):
@@ -77,7 +43,7 @@ def _pinned_split_where_pin_partner_is_not_a_person_label(ops: IdentityOperation
     assert held(person_of(db, U("alice"))) == {U("alice")}
 
 
-def test_fast_path_pin_check_crashes_when_pinned_partner_is_not_in_the_batch(
+def test_a_pinned_split_holds_when_the_pinned_partner_is_not_in_the_batch(
         ops: IdentityOperations, db: Database) -> None:
     _pinned_split_where_pin_partner_is_not_a_person_label(ops, db)
     # New evidence alice-d2: the pinned split must refuse it (as a replay does), not crash.
@@ -86,7 +52,7 @@ def test_fast_path_pin_check_crashes_when_pinned_partner_is_not_in_the_batch(
     assert held(person_of(db, U("alice"))) == {U("alice")}
 
 
-def test_fast_path_merges_across_a_pinned_split_when_pinned_partner_is_in_the_batch(
+def test_a_pinned_split_holds_when_the_pinned_partner_is_in_the_batch(
         ops: IdentityOperations, db: Database) -> None:
     _pinned_split_where_pin_partner_is_not_a_person_label(ops, db)
     # d1 appears in the batch (alone), so the pin check finds a phantom singleton for d1
@@ -98,7 +64,7 @@ def test_fast_path_merges_across_a_pinned_split_when_pinned_partner_is_in_the_ba
     assert (stats.relabelled, stats.decisions_changed) == (0, 0)
 
 
-def test_blocklist_retroactive_drop_leaves_history_that_a_reused_pk_inherits(
+def test_a_retroactive_blocklist_leaves_no_history_for_a_new_identifier_to_inherit(
         ops: IdentityOperations, db: Database) -> None:
     identify(ops, db, [U("alice")], 0)
     # "zzz" is the primary of a call with an ignored junk value: history row with a_pk = pk(zzz).
@@ -159,7 +125,7 @@ def test_old_evidence_replayed_after_erasure_does_not_create_links_the_evidence_
         "the erased identifier's evidence, replayed, merged two persons it never linked"
 
 
-def test_operator_merge_overriding_a_pin_leaves_decisions_a_rebuild_changes(
+def test_operator_merge_overriding_a_pin_leaves_nothing_for_a_rebuild_to_change(
         ops: IdentityOperations, db: Database) -> None:
     identify(ops, db, [U("alice"), A("d1")], 0)
     identify(ops, db, [A("d1"), A("d2")], 1)
@@ -178,9 +144,9 @@ def test_operator_merge_overriding_a_pin_leaves_decisions_a_rebuild_changes(
     assert (stats.relabelled, stats.decisions_changed) == (0, 0)
 
 
-def test_identify_retried_after_erasure_returns_the_erased_persons_identifiers(db_url: str) -> None:
-    """The idempotency record of an Identify holds the person's identifiers (user IDs, email
-    hashes, match keys); erasure leaves it, and a retry with the same request_id returns them."""
+def test_identify_retried_after_erasure_is_refused_without_the_erased_identifiers(db_url: str) -> None:
+    """A stored Identify response names the person's identifiers; after an erasure a retry
+    with the same request_id must neither return them nor run again as new evidence."""
     import grpc
 
     from stitchgraph.v1 import common_pb2, identity_service_pb2_grpc
@@ -208,10 +174,9 @@ def test_identify_retried_after_erasure_returns_the_erased_persons_identifiers(d
     assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_postgres_observe_reads_the_policy_before_taking_the_graph_lock(db: Database) -> None:
-    """A writer that blocklists a value holds the graph lock; a concurrent Identify has
-    already read the old policy and, once the lock is released, stores the blocklisted
-    value as an identifier: not what either serial order gives."""
+def test_ingest_reads_the_policy_under_the_graph_lock(db: Database) -> None:
+    """While a writer blocklisting a value holds the graph lock, a concurrent Identify must
+    wait for it and then apply the new policy, as some serial order would."""
     if not db.is_postgres:
         pytest.skip("SQLite writers begin IMMEDIATE, so the policy is read under the lock")
     import threading
@@ -251,9 +216,9 @@ def test_postgres_observe_reads_the_policy_before_taking_the_graph_lock(db: Data
     assert stored == [], "a value blocklisted by a committed policy change became an identifier"
 
 
-def test_postgres_read_session_is_not_one_snapshot(db: Database) -> None:
-    """``Database.read()`` promises one consistent snapshot, but on PostgreSQL it runs at READ
-    COMMITTED: a write committed between person_view's queries makes GetPerson fail."""
+def test_a_read_session_is_one_snapshot(db: Database) -> None:
+    """``Database.read()`` is one consistent snapshot on PostgreSQL too: a write committed
+    between person_view's queries must not make GetPerson fail."""
     if not db.is_postgres:
         pytest.skip("SQLite read transactions are snapshots")
     import threading
@@ -289,7 +254,7 @@ def test_postgres_read_session_is_not_one_snapshot(db: Database) -> None:
 
 
 def test_event_id_with_a_nul_is_invalid_argument_on_both_backends(db: Database) -> None:
-    """SQLite stores it; PostgreSQL fails the whole call with a DataError (INTERNAL)."""
+    """A NUL in event_id is INVALID_ARGUMENT on both backends (PostgreSQL cannot store it)."""
     from stitchgraph.errors import InvalidArgument
 
     ops = IdentityOperations(db)

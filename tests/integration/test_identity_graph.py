@@ -31,47 +31,23 @@ from identity.queries import explain, list_history, person_pk_by_identifier, per
 from identity.views import Explanation, PersonView
 from stitchgraph.db import Database, DatabaseOptions
 from stitchgraph.errors import FailedPrecondition, InvalidArgument, NotFound
+from tests.support.identity import A, Ident, U, at, held, identify, person_of
 from tests.support.postgres import PostgresServer
 
-T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
-
-Ident = tuple[str, str]
 Ops = IdentityOperations
 Stores = Callable[[], AbstractContextManager[Database]]
 Snapshot = dict[str, tuple[frozenset[Ident], int]]
 
 
-def at(minutes: float) -> datetime:
-    return T0 + timedelta(minutes=minutes)
 
 
-def U(v: str) -> Ident:
-    return ("user_id", v)
 
-
-def A(v: str) -> Ident:
-    return ("anonymous_id", v)
-
-
-def identify(ops: Ops, db: Database, identifiers: Sequence[Ident], minutes: float, **kw: str):
-    with db.transaction() as session:
-        return ops.identify(session, RawSighting(list(identifiers), at(minutes), **kw))
-
-
-def person_of(db: Database, identifier: Ident) -> PersonView | None:
-    with db.read() as session:
-        pk = person_pk_by_identifier(session, Identifier(*identifier))
-        return None if pk is None else person_view(session, pk)
 
 
 def person_by_id(db: Database, person_id: str) -> PersonView:
     with db.read() as session:
         return person_view(session, require_person_pk(session, person_id))
 
-
-def held(person: PersonView | None) -> set[Ident]:
-    assert person is not None
-    return {(i.type, i.value) for i in person.identifiers}
 
 
 def explain_pair(db: Database, first: Ident, second: Ident) -> Explanation:
