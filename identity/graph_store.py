@@ -830,11 +830,12 @@ class IdentityGraph:
         kept, reborn = [], {}
         for index, sighting in enumerate(sightings):
             erased_now = set()
-            for n in sighting.identifiers:
+            positions = sighting.positions or (-1,) * len(sighting.identifiers)  # operator sightings have none
+            for position, n in zip(positions, sighting.identifiers, strict=True):
                 tombstone = erased.get(hashes[n.identifier])
                 if tombstone is not None and sighting.occurred_us <= tombstone[0]:
                     erased_now.add(n.identifier)
-                    results[index].ignored.append(Ignored(-1, n.identifier.type, "ERASED",
+                    results[index].ignored.append(Ignored(position, n.identifier.type, "ERASED",
                                                           "this identifier was erased; evidence from before "
                                                           "the erasure cannot bring it back", None))
                 elif tombstone is not None:

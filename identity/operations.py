@@ -201,13 +201,14 @@ class IdentityOperations:
                 raise InvalidArgument.for_field(f"{prefix}{name}", f"must be at most {limit} characters")
             if not text.isprintable():
                 raise InvalidArgument.for_field(f"{prefix}{name}", "must not contain control characters")
-        normalized, ignored = prepare_identifiers(policy, item.identifiers, field_prefix=f"{prefix}identifiers")
+        normalized, ignored, positions = prepare_identifiers(policy, item.identifiers,
+                                                             field_prefix=f"{prefix}identifiers")
         occurred = item.occurred_at or datetime.now(UTC)
         occurred_us = to_micros(occurred)
         source = item.source or "grpc"
         event_id = item.event_id or derived_event_id(source, occurred_us, [n.identifier for n in normalized])
         return Sighting(tuple(normalized), occurred_us, event_id, source, item.request_id, forced, operator,
-                        tuple(ignored))
+                        tuple(ignored), tuple(positions))
 
     def _outcome(self, session: Session, result: SightingResult) -> IdentifyOutcome:
         person = person_view(session, result.person_pk) if result.person_pk is not None else None

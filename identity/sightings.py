@@ -46,6 +46,8 @@ class Sighting:
     forced: bool = False
     operator: str = ""
     ignored: tuple[Ignored, ...] = field(default=())
+    # Position of each identifier in the caller's request (for reporting), parallel to ``identifiers``.
+    positions: tuple[int, ...] = field(default=())
     # Identifiers erased after this evidence: they shape the star but link nothing.
     erased: frozenset[Identifier] = frozenset()
 
@@ -87,14 +89,16 @@ def prepare_identifiers(
     raw: Sequence[tuple[str, str]],
     *,
     field_prefix: str = "identifiers",
-) -> tuple[list[NormalizedIdentifier], list[Ignored]]:
+) -> tuple[list[NormalizedIdentifier], list[Ignored], list[int]]:
     """Normalise ``raw`` (type, value) pairs under ``policy``.
 
-    Returns the distinct identifiers and the ones ignored as junk. Raises
+    Returns the distinct identifiers, the ones ignored as junk, and each kept identifier's
+    position in ``raw``. Raises
     :class:`InvalidArgument` naming ``{field_prefix}[i].type`` or ``.value`` for the first
     invalid one (so nothing of a bad request is stored).
     """
     kept: dict[Identifier, NormalizedIdentifier] = {}
+    positions: dict[Identifier, int] = {}  # first position of each identifier in the request
     ignored: list[Ignored] = []
     violations = []
     for index, (type_, value) in enumerate(raw):
@@ -120,6 +124,7 @@ def prepare_identifiers(
         previous = kept.get(normalized.identifier)
         if previous is None or (not previous.match_keys and normalized.match_keys):
             kept[normalized.identifier] = normalized
+        positions.setdefault(normalized.identifier, index)
     if violations:
         raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations=violations)
-    return list(kept.values()), ignored
+    return [kept[i] for i in positions], ignored, [positions[i] for i in positions]

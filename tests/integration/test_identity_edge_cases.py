@@ -260,3 +260,12 @@ def test_event_id_with_a_nul_is_invalid_argument_on_both_backends(db: Database) 
     ops = IdentityOperations(db)
     with pytest.raises(InvalidArgument), db.transaction() as session:
         ops.identify(session, RawSighting([U("a"), A("b")], at(0), event_id="ev\x00x"))
+
+
+def test_an_erased_identifier_is_reported_at_its_position_in_the_request(ops: IdentityOperations,
+                                                                         db: Database) -> None:
+    identify(ops, db, [U("alice"), A("phone")], 0)
+    with db.transaction() as session:
+        ops.erase(session, person_id=None, identifier=Identifier(*U("alice")), operator="dpo", reason="gdpr")
+    outcome = identify(ops, db, [A("laptop"), U("alice")], 1)  # old evidence, dated before the erasure
+    assert [(i.index, i.reason) for i in outcome.ignored] == [(1, "ERASED")]
