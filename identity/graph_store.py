@@ -555,7 +555,8 @@ class IdentityGraph:
         ids = list(nodes)
         link_rows = [row for chunk in _chunks(ids) for row in session.execute(
             select(LinkRow.id, LinkRow.a_pk, LinkRow.b_pk, LinkRow.occurred_us, LinkRow.event_id, LinkRow.rank,
-                   LinkRow.forced, LinkRow.decision, LinkRow.reason).where(LinkRow.a_pk.in_(chunk)))]
+                   LinkRow.forced, LinkRow.decision, LinkRow.reason, LinkRow.source, LinkRow.operator)
+            .where(LinkRow.a_pk.in_(chunk)))]
         link_rows = [r for r in link_rows if r.b_pk in nodes]
         pin_rows = [row for chunk in _chunks(ids) for row in session.execute(
             select(PinRow.a_pk, PinRow.b_pk).where(PinRow.a_pk.in_(chunk)))]
@@ -606,14 +607,22 @@ class IdentityGraph:
         if cluster_rows:
             session.execute(insert(_CLUSTERS), cluster_rows)
         changed = []
+        # History: a link that is refused now and was not before gets its REFUSED entry, as
+        # it would have had the evidence arrived in order.
+        history: list[dict[str, Any]] = []
         for link, outcome in result.outcomes:
             row = stored[(link.a, link.b)]
             if row.decision != outcome.decision.value or row.reason != str(outcome.reason):
                 changed.append({"id": row.id, "decision": outcome.decision.value, "reason": str(outcome.reason),
                                 "detail": outcome.detail})
+                if outcome.decision is Decision.REFUSED:
+                    history.append({
+                        "kind": "REFUSED", "occurred_us": row.occurred_us, "recorded_at": now, "a_pk": row.a_pk,
+                        "b_pk": row.b_pk, "person_id": "", "related_person_ids": [], "reason": str(outcome.reason),
+                        "detail": outcome.detail, "operator": row.operator, "event_id": row.event_id,
+                        "source": row.source, "subject": None})
         _update_by_id(session, _LINKS, changed)
-        # History: every person whose membership differs from before was re-resolved.
-        history = []
+        # ... and every person whose membership differs from before was re-resolved.
         before: dict[int, set[int]] = {}
         for node, label in old_label.items():
             before.setdefault(label, set()).add(node)

@@ -269,3 +269,15 @@ def test_an_erased_identifier_is_reported_at_its_position_in_the_request(ops: Id
         ops.erase(session, person_id=None, identifier=Identifier(*U("alice")), operator="dpo", reason="gdpr")
     outcome = identify(ops, db, [A("laptop"), U("alice")], 1)  # old evidence, dated before the erasure
     assert [(i.index, i.reason) for i in outcome.ignored] == [(1, "ERASED")]
+
+
+def test_a_refusal_decided_on_late_evidence_is_in_history_as_in_order_arrival(ops: IdentityOperations,
+                                                                               db: Database) -> None:
+    identify(ops, db, [U("alice"), A("kiosk")], 10)
+    identify(ops, db, [U("bob"), A("kiosk")], 5)  # late: bob was at the kiosk first, so alice is refused
+    with db.read() as session:
+        pk = person_pk_by_identifier(session, Identifier(*U("alice")))
+        assert pk is not None
+        refusals = [e for e in list_history(session, pk, kind="REFUSED", after=None, limit=50)]
+    assert [(e.reason, {e.pair[0], e.pair[1]}) for e in refusals] == [
+        ("TYPE_LIMIT", {Identifier(*U("alice")), Identifier(*A("kiosk"))})]
