@@ -14,17 +14,7 @@ from identity.policy import IdentityPolicy
 from identity.queries import list_history, person_pk_by_identifier, person_view
 from stitchgraph.db import Database
 from tests.support.grpc_client import rich_error
-from tests.support.identity import A, Ident, U, at, held, identify, person_of
-
-
-def rebuild_stats(ops: IdentityOperations, db: Database):
-    with db.transaction() as session:
-        return ops.rebuild(session)
-
-
-@pytest.fixture
-def ops(db: Database) -> IdentityOperations:
-    return IdentityOperations(db)
+from tests.support.identity import A, Ident, U, at, held, identify, person_of, rebuild
 
 
 def _pinned_split_where_pin_partner_is_not_a_person_label(ops: IdentityOperations, db: Database) -> None:
@@ -60,7 +50,7 @@ def test_a_pinned_split_holds_when_the_pinned_partner_is_in_the_batch(
     with db.transaction() as session:
         ops.observe(session, [RawSighting([A("d1")], at(3)), RawSighting([U("alice"), A("d2")], at(3))])
     assert held(person_of(db, U("alice"))) == {U("alice")}, "a pinned split was re-merged by new evidence"
-    stats = rebuild_stats(ops, db)
+    stats = rebuild(ops, db)
     assert (stats.relabelled, stats.decisions_changed) == (0, 0)
 
 
@@ -140,7 +130,7 @@ def test_operator_merge_overriding_a_pin_leaves_nothing_for_a_rebuild_to_change(
         stale = session.execute(select(LinkRow.decision, LinkRow.reason).where(
             LinkRow.reason == "PINNED_SPLIT")).all()
     assert stale == [], "links refused only because of the deleted pin keep their stale decision"
-    stats = rebuild_stats(ops, db)
+    stats = rebuild(ops, db)
     assert (stats.relabelled, stats.decisions_changed) == (0, 0)
 
 

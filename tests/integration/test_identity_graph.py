@@ -31,7 +31,7 @@ from identity.queries import explain, list_history, person_pk_by_identifier, per
 from identity.views import Explanation, PersonView
 from stitchgraph.db import Database, DatabaseOptions
 from stitchgraph.errors import FailedPrecondition, InvalidArgument, NotFound
-from tests.support.identity import A, Ident, U, at, held, identify, person_of
+from tests.support.identity import A, Ident, U, at, held, identify, person_of, rebuild
 from tests.support.postgres import PostgresServer
 
 Ops = IdentityOperations
@@ -84,16 +84,6 @@ def decisions(db: Database) -> dict[tuple[Ident, Ident], tuple[str, str]]:
         pair = tuple(sorted([(ft, fv), (st_, sv)]))
         out[pair] = (decision, reason)
     return out
-
-
-def rebuild(ops: Ops, db: Database):
-    with db.transaction() as session:
-        return ops.rebuild(session)
-
-
-@pytest.fixture
-def ops(db: Database) -> IdentityOperations:
-    return IdentityOperations(db)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+from identity.graph_store import RebuildStats
 from identity.identifiers import Identifier
 from identity.operations import IdentityOperations, RawSighting
 from identity.queries import person_pk_by_identifier, person_view
@@ -47,3 +48,9 @@ def held(person: PersonView | None) -> set[Ident]:
     """The (type, value) pairs a person holds."""
     assert person is not None
     return {(i.type, i.value) for i in person.identifiers}
+
+
+def rebuild(ops: IdentityOperations, db: Database) -> RebuildStats:
+    """Re-resolve the whole store from its evidence, in a transaction of its own."""
+    with db.transaction() as session:
+        return ops.rebuild(session)
