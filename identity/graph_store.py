@@ -160,6 +160,8 @@ class SightingResult:
     person_pk: int | None
     links: list[LinkResult] = field(default_factory=list)
     ignored: list[Ignored] = field(default_factory=list)
+    # The identifier that answers for the sighting (its person is ``person_pk``).
+    primary_pk: int | None = None
 
 
 @dataclass(slots=True)
@@ -499,6 +501,7 @@ class IdentityGraph:
             person_of = {pk: final_label[pk] for pk in primaries.values()}
         for s_index, result in enumerate(results):
             if s_index in primaries:
+                result.primary_pk = primaries[s_index]
                 result.person_pk = person_of[primaries[s_index]]
             for a, b, strong, partner in link_index[s_index]:
                 decision, reason, detail = decided[(a, b)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +60,9 @@ class IdentityOperations:
         self._compiled: CompiledPolicy | None = None
         self._compiled_etag = ""
         self._lock = threading.Lock()
+        #: Called with the pks of identifiers about to be erased, in the erasing transaction,
+        #: so evidence kept elsewhere (events, traits) goes with them.
+        self.erase_hooks: list[Callable[[Session, Sequence[int]], None]] = []
 
     # -- policy ---------------------------------------------------------------------------
 
@@ -178,13 +181,20 @@ class IdentityOperations:
         sightings = [self._sighting(policy, item, i, field_prefix, forced, operator, len(raw) > 1)
                      for i, item in enumerate(raw)]
         results = self.graph.observe(session, policy, sightings)
-        return [self._outcome(session, result) for result in results]
+        return [self._outcome(session, result, sighting) for result, sighting in zip(results, sightings, strict=True)]
 
     def observe_results(self, session: Session, raw: Sequence[RawSighting]) -> list[SightingResult]:
         """Like :meth:`observe` but returns the graph's raw results (no person views); for bulk loads."""
         self.db.advisory_lock(session, GRAPH_LOCK)
         policy = self.policy(session)
         sightings = [self._sighting(policy, item, i, "", False, "", len(raw) > 1) for i, item in enumerate(raw)]
+        return self.graph.observe(session, policy, sightings)
+
+    def observe_sightings(self, session: Session, policy: CompiledPolicy,
+                          sightings: Sequence[Sighting]) -> list[SightingResult]:
+        """Apply already prepared sightings (the event ledger normalises identifiers itself,
+        per event, so one bad event does not sink a batch)."""
+        self.db.advisory_lock(session, GRAPH_LOCK)
         return self.graph.observe(session, policy, sightings)
 
     @staticmethod
@@ -210,10 +220,11 @@ class IdentityOperations:
         return Sighting(tuple(normalized), occurred_us, event_id, source, item.request_id, forced, operator,
                         tuple(ignored), tuple(positions))
 
-    def _outcome(self, session: Session, result: SightingResult) -> IdentifyOutcome:
+    def _outcome(self, session: Session, result: SightingResult, sighting: Sighting) -> IdentifyOutcome:
         person = person_view(session, result.person_pk) if result.person_pk is not None else None
         return IdentifyOutcome(
-            person=person,
+            person=person, primary_pk=result.primary_pk, event_id=sighting.event_id,
+            occurred_us=sighting.occurred_us,
             ignored=tuple(IgnoredView(i.index, i.type, i.reason, i.detail) for i in result.ignored),
             decisions=tuple(LinkOutcomeView(x.first, x.second, x.decision.value, x.reason, x.detail)
                             for x in result.links),
@@ -357,6 +368,8 @@ class IdentityOperations:
         erasure_id = "er_" + uuid.uuid4().hex[:24]
         for start in range(0, len(ids), 400):
             chunk = ids[start:start + 400]
+            for hook in self.erase_hooks:
+                hook(session, chunk)
             session.execute(delete(LinkRow).where(or_(LinkRow.a_pk.in_(chunk), LinkRow.b_pk.in_(chunk))))
             session.execute(delete(PinRow).where(or_(PinRow.a_pk.in_(chunk), PinRow.b_pk.in_(chunk))))
             session.execute(delete(HistoryRow).where(or_(HistoryRow.a_pk.in_(chunk), HistoryRow.b_pk.in_(chunk))))

@@ -92,6 +92,11 @@ class IdentifyOutcome:
     person: PersonView | None
     ignored: tuple[IgnoredView, ...] = ()
     decisions: tuple[LinkOutcomeView, ...] = field(default=())
+    # The identifier that answers for the call (its person is ``person``) and the call's
+    # event ID (given or derived): where trait evidence of the call attaches.
+    primary_pk: int | None = None
+    event_id: str = ""
+    occurred_us: int = 0
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from identity.blocklist import BlocklistEntry
+from identity.events.capture import EventLedger
+from identity.events.registry import SchemaRegistry
 from identity.identifiers import IdentifierType
 from identity.operations import IdentityOperations
 from identity.policy import IdentityPolicy
@@ -20,6 +22,11 @@ class Application:
     settings: Settings
     db: Database
     identity: IdentityOperations
+    events: EventLedger
+
+    def start(self) -> None:
+        """Work that needs the migrated store: default event mappings, the registry file."""
+        self.events.start()
 
     def close(self) -> None:
         self.db.dispose()
@@ -33,8 +40,10 @@ def build_application(settings: Settings) -> Application:
             pool_size=settings.database_pool_size,
         )
     )
-    return Application(settings=settings, db=db,
-                       identity=IdentityOperations(db, seed_policy=seed_identity_policy(settings.identity)))
+    identity = IdentityOperations(db, seed_policy=seed_identity_policy(settings.identity))
+    registry = SchemaRegistry(settings.events.custom_events)
+    return Application(settings=settings, db=db, identity=identity,
+                       events=EventLedger(db, identity, registry, settings.events))
 
 
 def seed_identity_policy(settings: IdentitySettings) -> IdentityPolicy:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from identity.events.capture import EventSettings
+
 SCOPES = frozenset({"ingest", "read", "admin"})
 
 
@@ -83,6 +85,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    events: EventSettings = field(default_factory=EventSettings)
 
     @property
     def auth_enabled(self) -> bool:
@@ -112,6 +115,15 @@ class Settings:
                 raise ConfigError(f"{key} must be positive")
         if self.log_format not in {"json", "text"}:
             raise ConfigError("log_format must be 'json' or 'text'")
+        events = self.events
+        if events.unmapped_action not in {"park", "reject"}:
+            raise ConfigError("events.unmapped_action must be 'park' or 'reject'")
+        if not 1 <= events.max_batch_size <= 10_000:
+            raise ConfigError("events.max_batch_size must be between 1 and 10000")
+        if events.max_future_skew_seconds < 0:
+            raise ConfigError("events.max_future_skew_seconds must not be negative")
+        if events.registry_file and not Path(events.registry_file).is_file():
+            raise ConfigError(f"events.registry_file: {events.registry_file!r} is not a readable file")
         names = [t.name for t in self.tokens]
         if len(names) != len(set(names)):
             raise ConfigError("auth.tokens: token names must be unique")
@@ -208,7 +220,29 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "STITCHGRAPH_LOG_FORMAT": ("log_format", str),
 }
 
-_TOP_LEVEL_KEYS = {f.name for f in fields(Settings)} - {"tokens", "identity"}
+_TOP_LEVEL_KEYS = {f.name for f in fields(Settings)} - {"tokens", "identity", "events"}
+
+# STITCHGRAPH_EVENTS_* variables: env name -> (EventSettings field, parser).
+_EVENTS_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "STITCHGRAPH_EVENTS_MAX_BATCH_SIZE": ("max_batch_size", int),
+    "STITCHGRAPH_EVENTS_UNMAPPED_ACTION": ("unmapped_action", str),
+    "STITCHGRAPH_EVENTS_MAX_FUTURE_SKEW_SECONDS": ("max_future_skew_seconds", int),
+    "STITCHGRAPH_EVENTS_REGISTRY_FILE": ("registry_file", _optional),
+}
+
+
+def _events_from_toml(table: Mapping[str, Any]) -> EventSettings:
+    known = {f.name for f in fields(EventSettings)}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"events: unknown keys {sorted(unknown)}")
+    values = dict(table)
+    if "custom_events" in values:
+        values["custom_events"] = tuple(str(e) for e in values["custom_events"])
+    try:
+        return replace(EventSettings(), **values)
+    except TypeError as exc:
+        raise ConfigError(f"events: {exc}") from exc
 
 
 def _identity_from_toml(table: Mapping[str, Any]) -> IdentitySettings:
@@ -261,6 +295,7 @@ def load_settings(
         server_table = data.pop("server", {})
         auth_table = data.pop("auth", {})
         identity_table = data.pop("identity", None)
+        events_table = data.pop("events", None)
         if data:
             raise ConfigError(f"config file {path}: unknown sections {sorted(data)}")
         for key, value in server_table.items():
@@ -272,12 +307,23 @@ def load_settings(
         )
         if identity_table is not None:
             values["identity"] = _identity_from_toml(identity_table)
+        if events_table is not None:
+            values["events"] = _events_from_toml(events_table)
     for name, (key, parse) in _ENV.items():
         if name in env:
             try:
                 values[key] = parse(env[name])
             except ValueError as exc:
                 raise ConfigError(f"{name}: {exc}") from exc
+    events_env = {}
+    for name, (key, parse) in _EVENTS_ENV.items():
+        if name in env:
+            try:
+                events_env[key] = parse(env[name])
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from exc
+    if events_env:
+        values["events"] = replace(values.get("events", EventSettings()), **events_env)
     if env.get("STITCHGRAPH_AUTH_TOKENS"):
         values["tokens"] = parse_env_tokens(env["STITCHGRAPH_AUTH_TOKENS"])
     values.update({k: v for k, v in overrides.items() if v is not None})

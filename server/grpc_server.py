@@ -74,8 +74,10 @@ class StitchgraphServer:
                 self.metrics_port = started[0].server_port
             else:
                 self.metrics_port = port
-        self.server.start()
         serving = migrations.is_up_to_date(self.app.db)
+        if serving:
+            self.app.start()
+        self.server.start()
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         if not serving:
             logger.error("the store is not at the current schema; run 'stitchgraph migrate'")

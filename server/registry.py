@@ -7,6 +7,7 @@ from collections.abc import Callable
 from server.api import SERVICES, ServiceSpec, feature_of
 from server.app import Application
 from server.servicers.base import complete_servicer, implemented_methods
+from server.servicers.events import EventServicer
 from server.servicers.identity import IdentityServicer
 from server.servicers.system import SystemServicer
 
@@ -14,6 +15,7 @@ from server.servicers.system import SystemServicer
 SERVICER_CLASSES: dict[str, Callable[[Application], object]] = {
     "SystemService": SystemServicer,
     "IdentityService": IdentityServicer,
+    "EventService": EventServicer,
 }
 
 

@@ -35,6 +35,8 @@ class FieldViolation:
 
     field: str
     description: str
+    #: Machine-readable UPPER_SNAKE_CASE reason (``REQUIRED``, ``INVALID_FORMAT``, ...); may be empty.
+    reason: str = ""
 
 
 class StitchgraphError(Exception):
@@ -78,11 +80,13 @@ class InvalidArgument(StitchgraphError):
     @classmethod
     def for_field(cls, field: str, description: str, *, reason: str | None = None) -> InvalidArgument:
         """An error about exactly one field, with the description as the message."""
-        return cls(f"{field}: {description}", violations=[FieldViolation(field, description)], reason=reason)
+        return cls(f"{field}: {description}", violations=[FieldViolation(field, description, reason or "")],
+                   reason=reason)
 
     def prefixed(self, prefix: str) -> InvalidArgument:
         """The same error with every field path placed under ``prefix`` (``identifiers[2]``)."""
-        moved = [FieldViolation(f"{prefix}.{v.field}" if v.field else prefix, v.description) for v in self.violations]
+        moved = [FieldViolation(f"{prefix}.{v.field}" if v.field else prefix, v.description, v.reason)
+                 for v in self.violations]
         message = "; ".join(f"{v.field}: {v.description}" for v in moved) or self.message
         return InvalidArgument(message, violations=moved, reason=self.reason, metadata=self.metadata)
 

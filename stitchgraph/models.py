@@ -6,6 +6,7 @@ this module only imports them.
 
 from __future__ import annotations
 
+import identity.events.models
 import identity.models  # noqa: F401  (registers the identity tables)
 from stitchgraph import idempotency  # noqa: F401  (registers its table)
 from stitchgraph.db import Base

@@ -63,7 +63,8 @@ def rich_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict
     if violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description,
+                                                            reason=v.reason)
                 for v in violations
             ]
         )

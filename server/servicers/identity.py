@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter
@@ -15,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from identity.blocklist import BlocklistEntry
+from identity.events.capture import EMAIL_KEYS, PHONE_KEYS
 from identity.graph_store import GRAPH_LOCK, identifier_hash
 from identity.identifiers import BUILTIN_TYPES, Identifier, IdentifierType
 from identity.models import ErasureRow, PersonRow
@@ -33,7 +35,7 @@ from identity.views import ErasureView, HistoryView, IdentifyOutcome, LinkView, 
 from server.app import Application
 from server.pagination import page_request
 from server.request_context import current_principal
-from stitchgraph.errors import Aborted, FieldViolation, InvalidArgument, NotFound, NotImplementedYet
+from stitchgraph.errors import Aborted, FieldViolation, InvalidArgument, NotFound
 from stitchgraph.idempotency import run_idempotent
 from stitchgraph.v1 import common_pb2, identity_pb2, identity_service_pb2, identity_service_pb2_grpc
 
@@ -269,12 +271,20 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
                                            type_field=f"{field}.type").identifier
 
     def Identify(self, request: Any, context: grpc.ServicerContext) -> Any:
-        if request.HasField("traits") and request.traits.fields:
-            raise NotImplementedYet("stitchgraph.v1.IdentityService.Identify (traits)", "canonical-events")
-        sighting = RawSighting([(i.type, i.value) for i in request.identifiers], _occurred_at(request),
-                               request.source, request.event_id, request.request_id)
+        traits = json_format.MessageToDict(request.traits) if request.HasField("traits") else {}
+        identifiers = [(i.type, i.value) for i in request.identifiers]
+        # Contact details among the traits are identifiers of the person (hashed), not traits.
+        identifiers += [("email" if key in EMAIL_KEYS else "phone", value) for key, value in traits.items()
+                        if (key in EMAIL_KEYS or key in PHONE_KEYS) and isinstance(value, str) and value.strip()]
+        sighting = RawSighting(identifiers, _occurred_at(request), request.source, request.event_id,
+                               request.request_id)
+
         def op(session: Session) -> Any:
             outcome = self._ops.identify(session, sighting)
+            if traits and outcome.primary_pk is not None:
+                self._app.events.record_traits(session, identifier_pk=outcome.primary_pk, event_id=outcome.event_id,
+                                               occurred_us=outcome.occurred_us, source=request.source,
+                                               traits=traits)
             count_outcome(outcome)
             return pb.IdentifyResponse(**_outcome_fields(outcome))
 
