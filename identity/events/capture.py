@@ -31,10 +31,10 @@ from sqlalchemy.orm import Session
 
 from identity.events import traits as trait_rules
 from identity.events.currencies import ISO_4217
-from identity.events.incoming import IDENTITY_KINDS, IncomingEvent
+from identity.events.incoming import IDENTITY_KINDS, IDENTITY_ONLY, IncomingEvent
 from identity.events.models import EventRow, EventTotalRow, ParkedEventRow, TraitEvidenceRow, TraitStateRow
 from identity.events.money import parse_money
-from identity.events.registry import MONEY_EVENTS, MONEY_FIELDS, Mapping_, SchemaRegistry
+from identity.events.registry import MONEY_EVENTS, MONEY_FIELDS, Mapping_, Resolution, SchemaRegistry
 from identity.graph_store import GRAPH_LOCK, SightingResult
 from identity.identifiers import Identifier, NormalizedIdentifier
 from identity.models import IdentifierRow, PersonRow
@@ -275,8 +275,12 @@ class EventLedger:
         identified = {v for p in fresh for v in p.incoming.identified}
         if not guessed and not identified:
             return
-        known_users: set[str] = set()
-        known_anonymous: set[str] = set()
+        # Known from the store, or typed with certainty by another message of this batch.
+        known_users = {n.identifier.value for p in fresh for n in p.normalized
+                       if n.identifier.type == "user_id" and n.identifier.value in guessed}
+        known_anonymous = {n.identifier.value for p in fresh for n in p.normalized
+                           if n.identifier.type == "anonymous_id" and n.identifier.value in identified
+                           and n.identifier.value not in p.incoming.inferred_anonymous}
         values = sorted(guessed | identified)
         for start in range(0, len(values), _CHUNK):
             chunk = values[start:start + _CHUNK]
@@ -392,9 +396,14 @@ class EventLedger:
         canonical = ""
         identity_only = False
         park_reason = park_detail = ""
-        resolution = self.registry.resolve(mappings, source, message.source_event)
+        if message.mapped_event == IDENTITY_ONLY:
+            resolution = Resolution(reason="IDENTITY_ONLY")
+        elif message.mapped_event:
+            resolution = Resolution(message.mapped_event)
+        else:
+            resolution = self.registry.resolve(mappings, source, message.source_event)
         if resolution.reason:
-            if message.kind in IDENTITY_KINDS:
+            if message.kind in IDENTITY_KINDS or message.mapped_event == IDENTITY_ONLY:
                 identity_only = True
             elif self.settings.unmapped_action == "park":
                 park_reason, park_detail = resolution.reason, resolution.detail

@@ -19,6 +19,9 @@ from stitchgraph.errors import FieldViolation
 #: ``page``/``screen`` are page views; ``traits`` sets traits only (Heap add_user_properties).
 KINDS = ("track", "identify", "alias", "page", "screen", "traits")
 
+#: ``mapped_event`` of a replayed identity-only message: it stays identity-only.
+IDENTITY_ONLY = "~identity-only"
+
 #: Kinds that never need a mapping: without an approved one they still count as identity and
 #: trait evidence (they are "identity-only"); with one they are also stored as that event.
 IDENTITY_KINDS = frozenset({"identify", "alias", "traits"})
@@ -78,6 +81,9 @@ class IncomingEvent:
     identified: frozenset[str] = frozenset()
     #: The message must not change identity (PostHog ``$process_person_profile: false``).
     personless: bool = False
+    #: The canonical event it was already mapped to (a replayed event): the registry is not
+    #: consulted again. "" = map through the registry.
+    mapped_event: str = ""
 
 
 @dataclass
