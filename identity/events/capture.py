@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
@@ -53,6 +54,9 @@ PARKED = "PARKED"
 EMAIL_KEYS = frozenset({"email", "$email", "email_address", "emailAddress", "Email"})
 PHONE_KEYS = frozenset({"phone", "$phone", "phone_number", "phoneNumber", "Phone"})
 _EMAIL_LIKE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_EMAIL_IN_TEXT = re.compile(r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+#: What an email address inside a free-form string is replaced with.
+REDACTED = "[redacted]"
 #: Where typed properties are read from when the mapping's property_map does not say.
 CONVENTIONS: Mapping[str, tuple[str, ...]] = {
     "value": ("value", "revenue", "total"),
@@ -460,8 +464,16 @@ class EventLedger:
                 if found not in (None, ""):
                     raw[name] = found
                     where[name] = f"properties.{path}"
-                    _remove(properties, path)
                     break
+        # A conventional "value"/"revenue"/"total" property of an event that carries no
+        # currency is not money (a lead score, a count): it stays a free property.
+        if (canonical not in MONEY_EVENTS and raw["currency"] is None and where["value"] != "value"
+                and "value" not in property_map):
+            raw["value"] = None
+            where["value"] = "value"
+        for name in MONEY_FIELDS:
+            if where[name] != name and raw[name] is not None:
+                _remove(properties, where[name].removeprefix("properties."))
         value = micros = None
         if raw["value"] is not None:
             try:
@@ -543,13 +555,13 @@ def _check_trait_key(key: str, path: str, violations: list[FieldViolation]) -> b
 
 def _scrub(value: Any) -> Any:
     """Drop raw contact details from free-form values (never stored): keys that name an
-    email or phone, and strings that look like an email address."""
+    email or phone go, and email addresses inside strings are redacted."""
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items()
-                if k not in EMAIL_KEYS and k not in PHONE_KEYS and not (isinstance(v, str) and _EMAIL_LIKE.fullmatch(
-                    v.strip()))}
+        return {k: _scrub(v) for k, v in value.items() if k not in EMAIL_KEYS and k not in PHONE_KEYS}
     if isinstance(value, list):
-        return [_scrub(v) for v in value if not (isinstance(v, str) and _EMAIL_LIKE.fullmatch(v.strip()))]
+        return [_scrub(v) for v in value]
+    if isinstance(value, str) and "@" in value:
+        return _EMAIL_IN_TEXT.sub(REDACTED, value)
     return value
 
 
@@ -625,12 +637,23 @@ def _park_violations(p: _Prepared) -> list[FieldViolation]:
     return [FieldViolation("event", p.park_detail, p.park_reason)] if p.park_reason else []
 
 
+def _scrub_url(url: Any) -> Any:
+    """A URL without query parameters whose values look like contact details."""
+    if not isinstance(url, str) or "?" not in url:
+        return url
+    parts = urlsplit(url)
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            if not _EMAIL_LIKE.fullmatch(v.strip()) and k not in EMAIL_KEYS and k not in PHONE_KEYS]
+    return urlunsplit(parts._replace(query=urlencode(kept)))
+
+
 def _body(p: _Prepared) -> dict[str, Any]:
     m = p.incoming
+    context = {k: _scrub_url(v) if k in ("page_url", "referrer") else v for k, v in m.context.items()}
     return {
         "identifiers": [[n.identifier.type, n.identifier.value] for n in p.normalized],
         "items": p.items, "properties": p.properties,
-        "context": _json_safe({k: v for k, v in m.context.items() if v not in (None, "")} |
+        "context": _json_safe({k: v for k, v in context.items() if v not in (None, "")} |
                               ({"consent": m.consent} if m.consent else {})),
         "metadata": _json_safe({k: v for k, v in m.metadata.items() if v not in (None, "")} |
                                ({"source_message_id": m.message_id} if m.message_id else {})),

@@ -174,3 +174,23 @@ def test_junk_and_personless_events_are_stored_without_a_person(db: Database, le
     assert results[0].receipt is not None and results[0].receipt.person_id == ""
     assert results[0].receipt.ignored[0]["reason"] == "JUNK_VALUE"
     assert person_of(db, ("anonymous_id", "anon-pl")) is None
+
+
+def test_contact_details_never_reach_storage(db: Database, ledger: EventLedger) -> None:
+    message = track("Lead Submitted", 1, ("anonymous_id", "lead-dev"), event_id="lead-1",
+                    properties={"email": "lead@example.com", "note": "call lead@example.com", "contact": "x@y.io",
+                                "value": 50},
+                    trait_set={"email": "lead@example.com", "company": "ACME"},
+                    context={"page_url": "https://x.example/thanks?email=lead%40example.com&plan=pro"})
+    assert ledger.capture([message])[0].status == "ACCEPTED"
+    with db.read() as session:
+        stored = json.dumps([r.body for r in session.execute(select(EventRow)).scalars()] +
+                            [r.value for r in session.execute(select(TraitEvidenceRow)).scalars()])
+    assert "lead@example.com" not in stored and "x@y.io" not in stored and "lead%40" not in stored
+    assert "plan=pro" in stored and "ACME" in stored and "call [redacted]" in stored
+    # The email became a (hashed) identifier of the lead; a value without currency stayed a property.
+    person = person_of(db, ("anonymous_id", "lead-dev"))
+    assert person is not None and {i.type for i in person.identifiers} == {"anonymous_id", "email_sha256"}
+    with db.read() as session:
+        row = session.execute(select(EventRow)).scalar_one()
+    assert row.value is None and row.body["properties"]["value"] == 50
