@@ -77,9 +77,16 @@ EMAIL_SHA256 = IdentifierType("email_sha256", max_per_person=5, priority=2, hash
 PHONE_SHA256 = IdentifierType("phone_sha256", max_per_person=5, priority=3, hashed=True)
 ANONYMOUS_ID = IdentifierType("anonymous_id", max_per_person=None, priority=1000)
 
+#: Source-specific device-level IDs the source mappings produce: Heap's own user ID (per
+#: browser/device until identified) and a PostHog distinct ID of unknown kind (cohort imports).
+#: Like anonymous IDs they are unlimited per person and never anchor one ahead of a real ID.
+HEAP_USER_ID = IdentifierType("heap_user_id", max_per_person=None, priority=900)
+POSTHOG_DISTINCT_ID = IdentifierType("posthog_distinct_id", max_per_person=None, priority=950)
+
 #: The built-in types by name.
 BUILTIN_TYPES: Mapping[str, IdentifierType] = MappingProxyType(
-    {t.name: t for t in (USER_ID, CRM_ID, EMAIL_SHA256, PHONE_SHA256, ANONYMOUS_ID)}
+    {t.name: t for t in (USER_ID, CRM_ID, EMAIL_SHA256, PHONE_SHA256, ANONYMOUS_ID, HEAP_USER_ID,
+                         POSTHOG_DISTINCT_ID)}
 )
 
 #: Input-only type names for raw contact data, each mapped to the type it is stored as.

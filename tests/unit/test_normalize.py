@@ -341,6 +341,8 @@ def test_registry_orders_types_by_priority_then_name(types: IdentifierTypes) -> 
         "loyalty_id",
         "device_id",
         "partner_email_sha256",
+        "heap_user_id",
+        "posthog_distinct_id",
         "anonymous_id",
     )
 
