@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from identity.events import traits as trait_rules
@@ -73,6 +73,7 @@ _CHUNK = 400
 _EVENTS = cast(Table, EventRow.__table__)
 _PARKED = cast(Table, ParkedEventRow.__table__)
 _EVIDENCE = cast(Table, TraitEvidenceRow.__table__)
+_STATES = cast(Table, TraitStateRow.__table__)
 
 
 @dataclass(frozen=True)
@@ -719,24 +720,26 @@ def _record_traits(session: Session, evidence: list[dict[str, Any]]) -> None:
     pks = sorted({pk for pk, _ in wanted})
     states: dict[tuple[int, str], trait_rules.TraitState] = {}
     for start in range(0, len(pks), _CHUNK):
-        for row in session.execute(select(TraitStateRow).where(
-                TraitStateRow.identifier_pk.in_(pks[start:start + _CHUNK]))).scalars():
+        for row in session.execute(select(_STATES).where(_STATES.c.identifier_pk.in_(pks[start:start + _CHUNK]))):
             if (row.identifier_pk, row.key) in wanted:
                 states[(row.identifier_pk, row.key)] = _state_of(row)
     existing = set(states)
+    before = dict(states)
     for e in evidence:
         slot = (e["identifier_pk"], e["key"])
         states[slot] = trait_rules.apply(states.get(slot), trait_rules.Evidence(
             e["op"], e["key"], e["value"], e["occurred_us"], e["event_id"], e["source"]))
     inserts = [_state_row(slot, state) for slot, state in states.items() if slot not in existing]
-    updates = [_state_row(slot, state) for slot, state in states.items() if slot in existing]
+    updates = [_state_row(slot, state) | {"b_pk": slot[0], "b_key": slot[1]} for slot, state in states.items()
+               if slot in existing and state != before[slot]]
     if inserts:
-        session.execute(insert(TraitStateRow), inserts)
+        session.execute(insert(_STATES), inserts)
     if updates:
-        session.execute(update(TraitStateRow), updates)
+        session.execute(update(_STATES).where(_STATES.c.identifier_pk == bindparam("b_pk"),
+                                              _STATES.c.key == bindparam("b_key")), updates)
 
 
-def _state_of(row: TraitStateRow) -> trait_rules.TraitState:
+def _state_of(row: Any) -> trait_rules.TraitState:
     return trait_rules.TraitState(row.lw_us, row.lw_event, bool(row.lw_unset), row.lw_value, row.lw_source,
                                   row.so_us, row.so_event, row.so_value, row.so_source)
 
@@ -761,28 +764,22 @@ def _add_totals(session: Session, totals: list[tuple[int, str, str, int, int]]) 
             current[1] += micros
             current[2] = min(current[2], us)
             current[3] = max(current[3], us)
-    pks = sorted({pk for pk, _, _ in merged})
-    stored: dict[tuple[int, str, str], EventTotalRow] = {}
-    for start in range(0, len(pks), _CHUNK):
-        for row in session.execute(select(EventTotalRow).where(
-                EventTotalRow.identifier_pk.in_(pks[start:start + _CHUNK]))).scalars():
-            stored[(row.identifier_pk, row.event, row.currency)] = row
-    inserts: list[dict[str, Any]] = []
-    updates: list[dict[str, Any]] = []
-    for (pk, event, currency), (count, micros, first, last) in merged.items():
-        existing = stored.get((pk, event, currency))
-        values: dict[str, Any] = {"identifier_pk": pk, "event": event, "currency": currency}
-        if existing is None:
-            inserts.append(values | {"count": count, "value_micros": micros, "first_us": first, "last_us": last})
-        else:
-            updates.append(values | {"count": existing.count + count,
-                                     "value_micros": existing.value_micros + micros,
-                                     "first_us": min(existing.first_us, first),
-                                     "last_us": max(existing.last_us, last)})
-    if inserts:
-        session.execute(insert(EventTotalRow), inserts)
-    if updates:
-        session.execute(update(EventTotalRow), updates)
+    # One upsert statement for the batch: totals only ever grow by addition, min and max.
+    session.execute(_TOTALS_UPSERT, [
+        {"pk": pk, "event": event, "currency": currency, "count": count, "micros": micros, "first": first,
+         "last": last} for (pk, event, currency), (count, micros, first, last) in merged.items()])
+
+
+_TOTALS_UPSERT = text(
+    "INSERT INTO event_totals (identifier_pk, event, currency, count, value_micros, first_us, last_us) "
+    "VALUES (:pk, :event, :currency, :count, :micros, :first, :last) "
+    "ON CONFLICT (identifier_pk, event, currency) DO UPDATE SET "
+    "count = event_totals.count + excluded.count, "
+    "value_micros = event_totals.value_micros + excluded.value_micros, "
+    "first_us = CASE WHEN excluded.first_us < event_totals.first_us THEN excluded.first_us "
+    "ELSE event_totals.first_us END, "
+    "last_us = CASE WHEN excluded.last_us > event_totals.last_us THEN excluded.last_us "
+    "ELSE event_totals.last_us END")
 
 
 def erase_evidence(session: Session, identifier_pks: Sequence[int]) -> None:
