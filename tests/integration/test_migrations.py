@@ -27,3 +27,13 @@ def test_sqlite_store_runs_in_wal_mode(tmp_path: object) -> None:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     finally:
         db.dispose()
+
+
+def test_migrations_create_exactly_what_the_models_declare(db: Database) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    with db.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        differences = compare_metadata(context, metadata)
+    assert differences == []
