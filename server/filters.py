@@ -7,14 +7,20 @@ Anything else is ``INVALID_ARGUMENT`` on ``filter`` with the column and a hint.
 
 from __future__ import annotations
 
+import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from stitchgraph.errors import InvalidArgument
 
 _TOKEN = re.compile(r'\s*(?:(?P<string>"(?:[^"\\]|\\.)*")|(?P<op><=|>=|!=|=|<|>)|(?P<word>[A-Za-z0-9_.:+\-$]+))')
-OPS = ("=", "!=", "<", "<=", ">", ">=")
+#: What each operator does; works on Python values and on SQLAlchemy columns alike.
+OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+}
+OPS = tuple(OPERATORS)
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,10 @@ class Comparison:
     field: str
     op: str
     value: str
+
+    def apply(self, left: Any, right: Any) -> Any:
+        """``left op right``: a bool for values, a SQL condition for a column."""
+        return OPERATORS[self.op](left, right)
 
 
 def parse_filter(text: str, fields: Iterable[str]) -> list[Comparison]:

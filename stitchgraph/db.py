@@ -170,10 +170,14 @@ class Database:
         self.engine.dispose()
 
 
-def insert_ignoring_conflicts(session: Session, table: Any, row: dict[str, Any]) -> None:
-    """INSERT ``row`` unless a row with the same key exists (a concurrent writer's wins)."""
+def insert_ignoring_conflicts(session: Session, table: Any, rows: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """INSERT ``rows`` (one row or a list, sent as one executemany), skipping any whose key
+    already exists (a concurrent writer's, or an earlier repeat, wins)."""
     from sqlalchemy.dialects import postgresql, sqlite
 
     dialect = session.get_bind().dialect.name
-    statement = (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)).values(**row)
-    session.execute(statement.on_conflict_do_nothing())
+    statement = (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)).on_conflict_do_nothing()
+    if isinstance(rows, dict):
+        session.execute(statement.values(**rows))
+    else:
+        session.execute(statement, rows)

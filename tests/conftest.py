@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,14 +63,13 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """URL of a fresh, migrated store: SQLite file, then PostgreSQL database."""
-    if request.param == "sqlite":
+@contextmanager
+def _fresh_store(request: pytest.FixtureRequest, backend: str, sqlite_path: Path) -> Iterator[str]:
+    """A fresh, migrated store on ``backend``, cloned from the session's template."""
+    if backend == "sqlite":
         template: Path = request.getfixturevalue("sqlite_template")
-        path = tmp_path / "store.db"
-        shutil.copyfile(template, path)
-        yield f"sqlite:///{path}"
+        shutil.copyfile(template, sqlite_path)
+        yield f"sqlite:///{sqlite_path}"
         return
     server: PostgresServer = request.getfixturevalue("postgres_server")
     name = server.create_database(template=request.getfixturevalue("postgres_template"))
@@ -77,6 +77,20 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield server.url(name)
     finally:
         server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of a fresh, migrated store: SQLite file, then PostgreSQL database."""
+    with _fresh_store(request, request.param, tmp_path / "store.db") as url:
+        yield url
+
+
+@pytest.fixture
+def second_db_url(db_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Another fresh store on the same backend as ``db_url`` (for copies and replays)."""
+    with _fresh_store(request, request.node.callspec.params["db_url"], tmp_path / "second.db") as url:
+        yield url
 
 
 @pytest.fixture

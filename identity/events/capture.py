@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from sqlalchemy import Table, bindparam, insert, select, text, update
+from sqlalchemy import Table, bindparam, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from identity.events import traits as trait_rules
@@ -42,7 +42,7 @@ from identity.models import IdentifierRow, PersonRow
 from identity.operations import MAX_IDENTIFIERS_PER_CALL, IdentityOperations
 from identity.policy import CompiledPolicy
 from identity.sightings import Ignored, Sighting, prepare_identifiers, to_micros
-from stitchgraph.db import Database
+from stitchgraph.db import Database, insert_ignoring_conflicts
 from stitchgraph.errors import FieldViolation, InvalidArgument
 
 ACCEPTED = "ACCEPTED"
@@ -711,11 +711,7 @@ def _stored_receipts(session: Session, event_ids: Sequence[str]) -> dict[str, Re
 def _record_traits(session: Session, evidence: list[dict[str, Any]]) -> None:
     """Store trait evidence (a repeat of the same assertion is ignored) and fold it into
     the per-identifier trait state (folding is idempotent, so a repeat changes nothing)."""
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    dialect = session.get_bind().dialect.name
-    statement = (postgresql.insert(_EVIDENCE) if dialect == "postgresql" else sqlite.insert(_EVIDENCE))
-    session.execute(statement.on_conflict_do_nothing(), evidence)
+    insert_ignoring_conflicts(session, _EVIDENCE, evidence)
     wanted = {(e["identifier_pk"], e["key"]) for e in evidence}
     pks = sorted({pk for pk, _ in wanted})
     states: dict[tuple[int, str], trait_rules.TraitState] = {}
@@ -784,8 +780,6 @@ _TOTALS_UPSERT = text(
 
 def erase_evidence(session: Session, identifier_pks: Sequence[int]) -> None:
     """Erase hook: events, trait evidence and summaries of erased identifiers go with them."""
-    from sqlalchemy import delete
-
     chunk = list(identifier_pks)
     session.execute(delete(EventRow).where(EventRow.identifier_pk.in_(chunk)))
     session.execute(delete(TraitEvidenceRow).where(TraitEvidenceRow.identifier_pk.in_(chunk)))

@@ -17,7 +17,7 @@ import json
 import re
 import threading
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -342,7 +342,3 @@ def _row_values(mapping: Mapping_) -> dict[str, Any]:
 
 def _to_row(mapping: Mapping_) -> EventMappingRow:
     return EventMappingRow(id=mapping.id, create_time=mapping.create_time, **_row_values(mapping))
-
-
-def names(mappings: Sequence[Mapping_]) -> list[str]:
-    return [f"eventMappings/{m.id}" for m in mappings]

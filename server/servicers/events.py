@@ -13,7 +13,6 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter
-from sqlalchemy import ColumnElement
 from sqlalchemy.orm import Session
 
 from identity.events import queries
@@ -25,9 +24,10 @@ from identity.events.sources import parse as parse_source
 from identity.events.traits import TraitValue
 from identity.queries import require_person_pk
 from server.app import Application
-from server.filters import Comparison, parse_filter
+from server.filters import parse_filter
 from server.pagination import page_request
 from server.servicers.identity import parse_person_name
+from server.servicers.timestamps import micros_pb, timestamp_pb
 from stitchgraph.errors import Aborted, FieldViolation, InvalidArgument, NotFound
 from stitchgraph.idempotency import run_idempotent
 from stitchgraph.v1 import (
@@ -141,24 +141,12 @@ def _merge_request_consent(messages: list[IncomingEvent], consent: consent_pb2.C
 
 # -- translation: responses ----------------------------------------------------------------------
 
-def _timestamp(moment: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
-    return ts
-
-
-def _ts_us(us: int) -> Timestamp:
-    ts = Timestamp()
-    ts.FromMicroseconds(us)
-    return ts
-
-
 def receipt_pb(receipt: Receipt) -> events_pb2.EventReceipt:
     return events_pb2.EventReceipt(
         event=f"events/{receipt.event_id}" if receipt.stored_event else "",
         event_id=receipt.event_id,
         person=f"persons/{receipt.person_id}" if receipt.person_id else "",
-        receive_time=_timestamp(receipt.receive_time),
+        receive_time=timestamp_pb(receipt.receive_time),
         canonical_event=receipt.canonical_event,
         generated_event_id=receipt.generated_event_id,
         ignored_identifiers=[identity_pb2.IgnoredIdentifier(index=i["index"], type=i["type"], reason=i["reason"],
@@ -207,7 +195,7 @@ def _value_pb(value: Any) -> struct_pb2.Value:
 
 def trait_pb(trait: TraitValue) -> events_pb2.Trait:
     return events_pb2.Trait(key=trait.key, value=_value_pb(trait.value), source=trait.source,
-                            time=_ts_us(trait.occurred_us) if trait.occurred_us else None, event_id=trait.event_id,
+                            time=micros_pb(trait.occurred_us) if trait.occurred_us else None, event_id=trait.event_id,
                             kind=_TRAIT_KIND[trait.kind])
 
 
@@ -224,7 +212,7 @@ def event_pb(row: EventRow | ParkedEventRow, person_id: str = "") -> events_pb2.
         metadata=events_pb2.EventMetadata(**{k: v for k, v in metadata.items()
                                              if k in ("posthog_session_id", "replay_url", "source_message_id",
                                                       "library")}),
-        receive_time=_timestamp(row.receive_time),
+        receive_time=timestamp_pb(row.receive_time),
     )
     if consent:
         json_format.ParseDict(consent, event.context.consent, ignore_unknown_fields=True)
@@ -252,14 +240,14 @@ def event_pb(row: EventRow | ParkedEventRow, person_id: str = "") -> events_pb2.
         event.name = f"events/{row.event_id}"
         event.event = row.event
         event.event_id = row.event_id
-        event.occurred_at.CopyFrom(_ts_us(row.occurred_us))
+        event.occurred_at.CopyFrom(micros_pb(row.occurred_us))
         event.value = row.value or ""
         event.currency = row.currency or ""
         event.order_id = row.order_id or ""
         event.person = f"persons/{person_id}" if person_id else ""
     else:
         event.event_id = row.event_id
-        event.occurred_at.CopyFrom(_ts_us(int(body.get("occurred_us", 0))))
+        event.occurred_at.CopyFrom(micros_pb(int(body.get("occurred_us", 0))))
     return event
 
 
@@ -269,8 +257,8 @@ def mapping_pb(mapping: Mapping_) -> events_pb2.EventMapping:
         canonical_event=mapping.canonical_event, required_properties=list(mapping.required_properties),
         status=_MAPPING_STATUS[mapping.status], description=mapping.description,
         property_map=dict(mapping.property_map),
-        create_time=_timestamp(mapping.create_time) if mapping.create_time else None,
-        update_time=_timestamp(mapping.update_time) if mapping.update_time else None,
+        create_time=timestamp_pb(mapping.create_time) if mapping.create_time else None,
+        update_time=timestamp_pb(mapping.update_time) if mapping.update_time else None,
         etag=mapping.etag, built_in=mapping.built_in)
 
 
@@ -297,19 +285,6 @@ def _time_us(value: str, field: str = "filter") -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1_000_000)
-
-
-def _column_condition(column: Any, op: str, value: Any) -> ColumnElement[bool]:
-    result: ColumnElement[bool] = {
-        "=": lambda: column == value, "!=": lambda: column != value, "<": lambda: column < value,
-        "<=": lambda: column <= value, ">": lambda: column > value, ">=": lambda: column >= value}[op]()
-    return result
-
-
-def _matches(actual: Any, comparison: Comparison, expected: Any) -> bool:
-    op = comparison.op
-    return bool({"=": actual == expected, "!=": actual != expected, "<": actual < expected,
-                 "<=": actual <= expected, ">": actual > expected, ">=": actual >= expected}[op])
 
 
 class EventServicer(event_service_pb2_grpc.EventServiceServicer):
@@ -426,9 +401,9 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         conditions = []
         for c in comparisons:
             if c.field == "occurred_at":
-                conditions.append(_column_condition(EventRow.occurred_us, c.op, _time_us(c.value)))
+                conditions.append(c.apply(EventRow.occurred_us, _time_us(c.value)))
             else:
-                conditions.append(_column_condition(getattr(EventRow, c.field), c.op, c.value))
+                conditions.append(c.apply(getattr(EventRow, c.field), c.value))
         page = page_request(request.page_size, request.page_token, f"{request.parent}\x00{request.filter}")
         with self._db.read() as session:
             pk = require_person_pk(session, person_id)
@@ -490,7 +465,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
             for c in comparisons:
                 expected: Any = c.value.upper().removeprefix("EVENT_MAPPING_STATUS_") if c.field == "status" \
                     else c.value
-                if not _matches(getattr(m, c.field), c, expected):
+                if not c.apply(getattr(m, c.field), expected):
                     return False
             return True
 
@@ -551,9 +526,9 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         for c in comparisons:
             if c.field == "receive_time":
                 moment = datetime.fromtimestamp(_time_us(c.value) / 1_000_000, tz=UTC)
-                conditions.append(_column_condition(ParkedEventRow.receive_time, c.op, moment))
+                conditions.append(c.apply(ParkedEventRow.receive_time, moment))
             else:
-                conditions.append(_column_condition(getattr(ParkedEventRow, c.field), c.op, c.value))
+                conditions.append(c.apply(getattr(ParkedEventRow, c.field), c.value))
         page = page_request(request.page_size, request.page_token, request.filter)
         with self._db.read() as session:
             rows = queries.parked_events(session, limit=page.size + 1, after=page.after, conditions=conditions)
@@ -562,5 +537,5 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         token = page.next_token(rows[-1].id, request.filter) if more else ""
         return pb.ListParkedEventsResponse(parked_events=[
             events_pb2.ParkedEvent(name=f"parkedEvents/{r.id}", source=r.source, source_event=r.source_event,
-                                   reason=r.reason, detail=r.detail, receive_time=_timestamp(r.receive_time),
+                                   reason=r.reason, detail=r.detail, receive_time=timestamp_pb(r.receive_time),
                                    event=event_pb(r)) for r in rows], next_page_token=token)

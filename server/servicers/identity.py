@@ -10,7 +10,6 @@ from typing import Any, TypeVar, cast
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -35,6 +34,7 @@ from identity.views import ErasureView, HistoryView, IdentifyOutcome, LinkView, 
 from server.app import Application
 from server.pagination import page_request
 from server.request_context import current_principal
+from server.servicers.timestamps import micros_pb, timestamp_pb
 from stitchgraph.errors import Aborted, FieldViolation, InvalidArgument, NotFound
 from stitchgraph.idempotency import run_idempotent
 from stitchgraph.v1 import common_pb2, identity_pb2, identity_service_pb2, identity_service_pb2_grpc
@@ -73,18 +73,6 @@ _ERASURE_STATES = {"PENDING": identity_pb2.ERASURE_STATE_PENDING,
 
 # -- translation ------------------------------------------------------------------------------
 
-def _timestamp(moment: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
-    return ts
-
-
-def _ts_us(us: int) -> Timestamp:
-    ts = Timestamp()
-    ts.FromMicroseconds(us)
-    return ts
-
-
 def _identifier_pb(identifier: Identifier | None) -> common_pb2.Identifier:
     if identifier is None:
         return common_pb2.Identifier()
@@ -99,11 +87,11 @@ def person_pb(person: PersonView) -> identity_pb2.Person:
         anchor=_identifier_pb(person.anchor),
         identifier_counts=person.identifier_counts,
         merge_count=person.merge_count,
-        create_time=_ts_us(person.first_seen_us),
-        update_time=_timestamp(person.updated_at),
+        create_time=micros_pb(person.first_seen_us),
+        update_time=timestamp_pb(person.updated_at),
         match_keys=[identity_pb2.MatchKey(identifier_type=t, platform_key=k, value=v) for t, k, v in person.match_keys],
         merged_person_ids=person.merged_person_ids,
-        last_seen_time=_ts_us(person.last_seen_us),
+        last_seen_time=micros_pb(person.last_seen_us),
     )
 
 
@@ -115,8 +103,8 @@ def link_pb(link: LinkView) -> identity_pb2.Link:
     return identity_pb2.Link(
         pair=_pair_pb(link.first, link.second),
         decision=_DECISION_TO_PB.get(link.decision, identity_pb2.LINK_DECISION_KIND_UNSPECIFIED), reason=link.reason,
-        detail=link.detail, source=link.source, occurred_at=_ts_us(link.occurred_us), event_id=link.event_id,
-        request_id=link.request_id, times_seen=link.times_seen, last_seen_time=_ts_us(link.last_seen_us),
+        detail=link.detail, source=link.source, occurred_at=micros_pb(link.occurred_us), event_id=link.event_id,
+        request_id=link.request_id, times_seen=link.times_seen, last_seen_time=micros_pb(link.last_seen_us),
         operator=link.operator,
     )
 
@@ -131,7 +119,7 @@ def history_pb(entry: HistoryView) -> identity_pb2.HistoryEntry:
     kind = cast(identity_pb2.HistoryEntryKind, identity_pb2.HistoryEntryKind.Value(f"HISTORY_ENTRY_KIND_{entry.kind}"))
     return identity_pb2.HistoryEntry(
         id=str(entry.id), kind=kind,
-        time=_ts_us(entry.occurred_us), person_id=entry.person_id, related_person_ids=entry.related_person_ids,
+        time=micros_pb(entry.occurred_us), person_id=entry.person_id, related_person_ids=entry.related_person_ids,
         pair=_pair_pb(*entry.pair), reason=entry.reason, detail=detail, operator=entry.operator,
         event_id=entry.event_id, source=entry.source,
     )
@@ -141,8 +129,8 @@ def erasure_pb(view: ErasureView) -> identity_pb2.Erasure:
     return identity_pb2.Erasure(
         name=f"erasures/{view.id}", person_id=view.person_id, identifier_hashes=view.identifier_hashes,
         state=_ERASURE_STATES.get(view.state, identity_pb2.ERASURE_STATE_UNSPECIFIED),
-        create_time=_timestamp(view.created_at),
-        update_time=_timestamp(view.created_at), operator=view.operator, reason=view.reason,
+        create_time=timestamp_pb(view.created_at),
+        update_time=timestamp_pb(view.created_at), operator=view.operator, reason=view.reason,
         identifier_count=len(view.identifier_hashes),
     )
 
@@ -478,8 +466,8 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
             stats = self._ops.rebuild(session)
             return pb.RebuildIdentityGraphResponse(
                 links_processed=stats.links, persons_before=len(before), persons_after=stats.persons,
-                persons_changed=stats.persons_changed, start_time=_timestamp(started),
-                end_time=_timestamp(datetime.now(UTC)))
+                persons_changed=stats.persons_changed, start_time=timestamp_pb(started),
+                end_time=timestamp_pb(datetime.now(UTC)))
 
         return self._mutate("RebuildIdentityGraph", request, pb.RebuildIdentityGraphResponse, op)
 

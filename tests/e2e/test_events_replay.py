@@ -4,14 +4,10 @@ computed traits — checked over gRPC on both stores, SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from google.protobuf import json_format
 
 from identity.events.replay import replay_evidence
@@ -24,26 +20,9 @@ from stitchgraph.v1 import (
     identity_service_pb2_grpc,
 )
 from tests.support.grpc_client import running_server, server_settings
-from tests.support.postgres import PostgresServer
 
 pb = event_service_pb2
 T0 = datetime(2024, 6, 1, 9, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A second fresh store on the same backend as ``db_url``."""
-    if request.node.callspec.params["db_url"] == "sqlite":
-        path = tmp_path / "replayed.db"
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
-        yield f"sqlite:///{path}"
-        return
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    name = server.create_database(template=request.getfixturevalue("postgres_template"))
-    try:
-        yield server.url(name)
-    finally:
-        server.drop_database(name)
 
 
 def at(minutes: float) -> str:
@@ -124,12 +103,12 @@ def snapshot(channel: grpc.Channel) -> dict[str, Any]:
 
 
 def test_replaying_the_evidence_log_into_an_empty_store_gives_the_same_state(db_url: str,
-                                                                              empty_db_url: str) -> None:
+                                                                              second_db_url: str) -> None:
     with running_server(server_settings(db_url)) as original, \
             grpc.insecure_channel(f"127.0.0.1:{original.port}") as channel:
         workload(event_service_pb2_grpc.EventServiceStub(channel))
         before = snapshot(channel)
-        with running_server(server_settings(empty_db_url)) as replayed, \
+        with running_server(server_settings(second_db_url)) as replayed, \
                 grpc.insecure_channel(f"127.0.0.1:{replayed.port}") as replay_channel:
             results = replay_evidence(original.app.db, replayed.app.events, batch_size=4, reverse=True)
             assert {r.status for r in results} == {"ACCEPTED"}

@@ -271,6 +271,21 @@ def library_label(name: Any, version: Any) -> str | None:
 # --- Click IDs --------------------------------------------------------------------------------
 
 
+def event_name(raw: Mapping[str, Any], violations: list[FieldViolation], *, missing: str = "event is required",
+               max_length: int | None = None) -> str:
+    """``raw["event"]`` as a name, or "" with a violation (``missing`` when absent)."""
+    name = raw.get("event")
+    if name is None or name == "":
+        violations.append(FieldViolation("event", missing, "REQUIRED"))
+        return ""
+    if not isinstance(name, str):
+        violations.append(FieldViolation("event", "event must be a string", "INVALID_TYPE"))
+        return ""
+    if max_length is not None and len(name) > max_length:
+        violations.append(FieldViolation("event", f"event must be at most {max_length} characters", "TOO_LONG"))
+    return name
+
+
 def click_ids_from_url(url: str) -> dict[str, str]:
     """``gclid``/``gbraid``/``wbraid``/``ttclid``/``fbclid`` from a URL's query string (first
     non-empty value of each); ``{}`` for a URL that does not parse."""

@@ -25,6 +25,7 @@ from identity.events.sources.common import (
     apply_click_ids,
     as_utc,
     coerce_id,
+    event_name,
     load_json,
     looks_like_email,
     not_an_object,
@@ -96,7 +97,8 @@ def _detect_endpoint(data: dict[str, Any]) -> Endpoint:
 def parse_track(raw: dict[str, Any], *, source: str, received_at: datetime) -> IncomingEvent:
     """One track event (single body or an element of ``events``)."""
     violations: list[FieldViolation] = []
-    event = IncomingEvent(kind="track", source_event=_event_name(raw, violations), source=source, violations=violations)
+    name = event_name(raw, violations, max_length=MAX_EVENT_NAME_LENGTH)
+    event = IncomingEvent(kind="track", source_event=name, source=source, violations=violations)
     _track_identity(event, raw)
     if raw.get("timestamp") is None:
         event.occurred_at = received_at
@@ -125,21 +127,6 @@ def parse_user_properties(raw: dict[str, Any], *, source: str, received_at: date
         violations.append(FieldViolation("properties", "properties is required", "REQUIRED"))
     event.trait_set = object_field(raw, "properties", "properties", violations)
     return event
-
-
-def _event_name(raw: dict[str, Any], violations: list[FieldViolation]) -> str:
-    name = raw.get("event")
-    if name is None or name == "":
-        violations.append(FieldViolation("event", "event is required", "REQUIRED"))
-        return ""
-    if not isinstance(name, str):
-        violations.append(FieldViolation("event", "event must be a string", "INVALID_TYPE"))
-        return ""
-    if len(name) > MAX_EVENT_NAME_LENGTH:
-        violations.append(
-            FieldViolation("event", f"event must be at most {MAX_EVENT_NAME_LENGTH} characters", "TOO_LONG")
-        )
-    return name
 
 
 def _track_identity(event: IncomingEvent, raw: dict[str, Any]) -> None:

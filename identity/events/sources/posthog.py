@@ -34,6 +34,7 @@ from identity.events.sources.common import (
     apply_click_ids,
     as_utc,
     coerce_id,
+    event_name,
     library_label,
     load_json,
     minus_milliseconds,
@@ -121,7 +122,7 @@ def parse_event(
     """One PostHog event object → :class:`IncomingEvent` (violations on the event, never raised)."""
     violations: list[FieldViolation] = []
     properties = object_field(raw, "properties", "properties", violations)
-    name = _event_name(raw, violations)
+    name = event_name(raw, violations)
     event = IncomingEvent(kind=_kind(name), source_event=name, source=source, violations=violations)
     _apply_time(event, raw, received_at, batch_sent_at)
     _apply_traits(event, raw, properties)
@@ -135,17 +136,6 @@ def parse_event(
         properties.pop("alias", None)
     event.properties = properties
     return event
-
-
-def _event_name(raw: dict[str, Any], violations: list[FieldViolation]) -> str:
-    name = raw.get("event")
-    if name is None or name == "":
-        violations.append(FieldViolation("event", "event is required", "REQUIRED"))
-        return ""
-    if not isinstance(name, str):
-        violations.append(FieldViolation("event", "event must be a string", "INVALID_TYPE"))
-        return ""
-    return name
 
 
 def _kind(name: str) -> str:

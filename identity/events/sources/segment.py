@@ -29,6 +29,7 @@ from identity.events.sources.common import (
     as_utc,
     coerce_id,
     deep_merge,
+    event_name,
     library_label,
     load_json,
     nested,
@@ -133,7 +134,7 @@ def _kind_and_name(
 ) -> tuple[str, str]:
     """(kind, source_event). Unknown types come back as ("track", the type as sent)."""
     if message_type == "track":
-        return "track", _event_name(raw, violations)
+        return "track", event_name(raw, violations, missing="event is required for track messages")
     if message_type in ("page", "screen"):
         for key in ("name", "category"):
             if raw.get(key) is not None:
@@ -143,17 +144,6 @@ def _kind_and_name(
         return message_type, message_type
     sent_type = raw.get("type")
     return "track", sent_type if isinstance(sent_type, str) else ""
-
-
-def _event_name(raw: dict[str, Any], violations: list[FieldViolation]) -> str:
-    name = raw.get("event")
-    if name is None or name == "":
-        violations.append(FieldViolation("event", "event is required for track messages", "REQUIRED"))
-        return ""
-    if not isinstance(name, str):
-        violations.append(FieldViolation("event", "event must be a string", "INVALID_TYPE"))
-        return ""
-    return name
 
 
 # --- Time -------------------------------------------------------------------------------------
