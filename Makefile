@@ -42,7 +42,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 typecheck: setup
-	$(VENV)/bin/mypy stitchgraph/errors.py stitchgraph/db.py stitchgraph/idempotency.py stitchgraph/migrations/__init__.py identity server
+	$(VENV)/bin/mypy stitchgraph/errors.py stitchgraph/db.py stitchgraph/idempotency.py stitchgraph/changes.py stitchgraph/migrations/__init__.py identity audiences server
 
 clean:
 	rm -rf $(VENV) stitchgraph/v1 .pytest_cache .mypy_cache .ruff_cache

@@ -60,6 +60,8 @@ from identity.models import (
 from identity.policy import CompiledPolicy
 from identity.replay import NodeInfo, StoredLink, connected_clusters, fresh_union_find, replay, stable_labels
 from identity.sightings import Ignored, Sighting
+from stitchgraph import changes
+from stitchgraph.changes import mark_persons
 from stitchgraph.db import Database, insert_ignoring_conflicts
 
 GRAPH_LOCK = "stitchgraph.identity-graph"
@@ -388,12 +390,15 @@ class IdentityGraph:
         self._add_match_keys(session, existing, normalized)
 
         old_person_ids = {pk: row.person_id for pk, row in persons.items()}
+        merged_away = []
         for old_pk in persons:
             new_label = int(uf.find(old_pk))
             if new_label != old_pk:
                 session.execute(update(_IDENTIFIERS).where(_IDENTIFIERS.c.person_pk == old_pk)
                                 .values(person_pk=new_label))
                 session.execute(delete(_PERSONS).where(_PERSONS.c.id == old_pk))
+                merged_away.append(old_pk)
+        mark_persons(session, merged_away, changes.MERGED)
 
         person_rows = []
         touched_roots = {final_label[pk] for pk in info}
@@ -417,6 +422,7 @@ class IdentityGraph:
         fresh_roots = [dict(r, created_at=now) for r in person_rows if r["id"] not in persons]
         _update_by_id(session, _PERSONS, existing_roots)
         _insert_rows(session, _PERSONS, fresh_roots)
+        mark_persons(session, touched_roots, changes.IDENTITY)
 
         # Clusters: relabel persons of clusters absorbed by another, upsert the survivors.
         for label in list(clusters.parent):
@@ -605,6 +611,8 @@ class IdentityGraph:
             })
         if person_rows:
             session.execute(insert(_PERSONS), person_rows)
+        mark_persons(session, old_person_pks, changes.SPLIT if "split" in reason else changes.MERGED)
+        mark_persons(session, (r["id"] for r in person_rows), changes.IDENTITY)
         cluster_rows = [{"id": c, "max_us": k.occurred_us, "max_event": k.event_id, "max_rank": k.rank}
                         for c, k in ((c, cluster_key.get(c, NO_LINK)) for c in set(cluster_of.values()))]
         if cluster_rows:
@@ -805,6 +813,8 @@ class IdentityGraph:
         for chunk in _chunks([*gone, *(r["id"] for r in changed_persons)], 10_000):
             session.execute(delete(_PERSONS).where(_PERSONS.c.id.in_(chunk)))
         _insert_rows(session, _PERSONS, [*fresh, *changed_persons])
+        mark_persons(session, gone, changes.MERGED)
+        mark_persons(session, (r["id"] for r in [*fresh, *changed_persons]), changes.IDENTITY)
         clusters_now = {c: cluster_key.get(c, NO_LINK) for c in set(cluster_of.values())}
         for chunk in _chunks([c for c in stored_clusters if c not in clusters_now], 10_000):
             session.execute(delete(_CLUSTERS).where(_CLUSTERS.c.id.in_(chunk)))

@@ -32,6 +32,8 @@ from identity.policy import CompiledPolicy, IdentityPolicy
 from identity.queries import erasure_view, person_pk_by_identifier, person_row, person_view, require_person_pk
 from identity.sightings import Sighting, derived_event_id, prepare_identifiers, to_micros
 from identity.views import ErasureView, IdentifyOutcome, IgnoredView, LinkOutcomeView, PersonView
+from stitchgraph import changes
+from stitchgraph.changes import mark_persons
 from stitchgraph.db import Database, insert_ignoring_conflicts
 from stitchgraph.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from stitchgraph.idempotency import forget_subjects
@@ -375,6 +377,7 @@ class IdentityOperations:
             session.execute(delete(HistoryRow).where(or_(HistoryRow.a_pk.in_(chunk), HistoryRow.b_pk.in_(chunk))))
             session.execute(delete(IdentifierRow).where(IdentifierRow.id.in_(chunk)))
         session.execute(delete(PersonRow).where(PersonRow.id == pk))
+        mark_persons(session, [pk], changes.ERASED)
         existing = set(session.execute(select(TombstoneRow.identifier_hash)
                                        .where(TombstoneRow.identifier_hash.in_(hashes))).scalars())
         for h in hashes:

@@ -3,15 +3,27 @@ for ``main`` and for tests."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from audiences.consent.store import ConsentStore
+from audiences.engine import AudienceEngine
+from audiences.rules import RuleCatalog
 from identity.blocklist import BlocklistEntry
 from identity.events.capture import EventLedger
+from identity.events.models import EventMappingRow
 from identity.events.registry import SchemaRegistry
 from identity.identifiers import IdentifierType
 from identity.operations import IdentityOperations
 from identity.policy import IdentityPolicy
 from server.config import IdentitySettings, Settings
+
+logger = logging.getLogger("stitchgraph.app")
 from stitchgraph.db import Database, DatabaseOptions
 
 
@@ -23,12 +35,44 @@ class Application:
     db: Database
     identity: IdentityOperations
     events: EventLedger
+    consent: ConsentStore
+    audiences: AudienceEngine
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _timers: list[threading.Thread] = field(default_factory=list)
 
-    def start(self) -> None:
-        """Work that needs the migrated store: default event mappings, the registry file."""
+    def start(self, *, background: bool = True) -> None:
+        """Work that needs the migrated store: default event mappings, the registry file;
+        then the audience timers (journal processing, window expiry)."""
         self.events.start()
+        if not background:
+            return
+        audiences = self.settings.audiences
+        for name, interval, job in (("audience-journal", audiences.process_interval_seconds,
+                                     self.audiences.process_changes),
+                                    ("audience-windows", audiences.window_interval_seconds,
+                                     self.audiences.expire_windows)):
+            if interval > 0:
+                thread = threading.Thread(target=self._every, args=(interval, job), name=name, daemon=True)
+                thread.start()
+                self._timers.append(thread)
+
+    def _every(self, interval: float, job: Callable[[], object]) -> None:
+        while not self._stop.wait(interval):
+            try:
+                job()
+            except Exception:  # keep the timer alive; the next run retries
+                logger.exception("background job %s failed", threading.current_thread().name)
+
+    def after_write(self) -> None:
+        """Bring derived state (views, audience membership) up to date after a committed
+        write, when configured to do so inline."""
+        if self.settings.audiences.evaluate_inline:
+            self.audiences.process_changes()
 
     def close(self) -> None:
+        self._stop.set()
+        for thread in self._timers:
+            thread.join(timeout=30)
         self.db.dispose()
 
 
@@ -42,8 +86,19 @@ def build_application(settings: Settings) -> Application:
     )
     identity = IdentityOperations(db, seed_policy=seed_identity_policy(settings.identity))
     registry = SchemaRegistry(settings.events.custom_events)
-    return Application(settings=settings, db=db, identity=identity,
-                       events=EventLedger(db, identity, registry, settings.events))
+    events = EventLedger(db, identity, registry, settings.events)
+    consent = ConsentStore(settings.consent)
+    events.signal_hooks.append(consent.record_event_signals)
+    identity.erase_hooks.append(consent.erase)
+
+    def catalog(session: Session) -> RuleCatalog:
+        mapped = set(session.execute(select(EventMappingRow.canonical_event).distinct()).scalars())
+        return RuleCatalog(events=frozenset(registry.canonical_events | mapped),
+                           purposes=tuple(settings.consent.purposes),
+                           identifier_types=frozenset(identity.policy(session).types.names))
+
+    return Application(settings=settings, db=db, identity=identity, events=events, consent=consent,
+                       audiences=AudienceEngine(db, consent, catalog, settings.audiences))
 
 
 def seed_identity_policy(settings: IdentitySettings) -> IdentityPolicy:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from audiences.consent.settings import ConsentSettings
+from audiences.engine import AudienceSettings
 from identity.events.capture import EventSettings
 
 SCOPES = frozenset({"ingest", "read", "admin"})
@@ -86,6 +88,8 @@ class Settings:
     log_format: str = "json"
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     events: EventSettings = field(default_factory=EventSettings)
+    consent: ConsentSettings = field(default_factory=ConsentSettings)
+    audiences: AudienceSettings = field(default_factory=AudienceSettings)
 
     @property
     def auth_enabled(self) -> bool:
@@ -124,6 +128,12 @@ class Settings:
             raise ConfigError("events.max_future_skew_seconds must not be negative")
         if events.registry_file and not Path(events.registry_file).is_file():
             raise ConfigError(f"events.registry_file: {events.registry_file!r} is not a readable file")
+        try:
+            self.consent.validate()
+        except ValueError as exc:
+            raise ConfigError(f"consent: {exc}") from exc
+        if self.audiences.process_interval_seconds < 0 or self.audiences.window_interval_seconds < 0:
+            raise ConfigError("audiences: intervals must not be negative (0 turns a timer off)")
         names = [t.name for t in self.tokens]
         if len(names) != len(set(names)):
             raise ConfigError("auth.tokens: token names must be unique")
@@ -220,7 +230,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "STITCHGRAPH_LOG_FORMAT": ("log_format", str),
 }
 
-_TOP_LEVEL_KEYS = {f.name for f in fields(Settings)} - {"tokens", "identity", "events"}
+_TOP_LEVEL_KEYS = {f.name for f in fields(Settings)} - {"tokens", "identity", "events", "consent", "audiences"}
 
 # STITCHGRAPH_EVENTS_* variables: env name -> (EventSettings field, parser).
 _EVENTS_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -243,6 +253,18 @@ def _events_from_toml(table: Mapping[str, Any]) -> EventSettings:
         return replace(EventSettings(), **values)
     except TypeError as exc:
         raise ConfigError(f"events: {exc}") from exc
+
+
+def _section_from_toml(name: str, cls: type[Any], table: Mapping[str, Any]) -> Any:
+    """A settings dataclass from its TOML table (unknown keys refused)."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{name}: unknown keys {sorted(unknown)}")
+    try:
+        return cls(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
 
 
 def _identity_from_toml(table: Mapping[str, Any]) -> IdentitySettings:
@@ -296,6 +318,10 @@ def load_settings(
         auth_table = data.pop("auth", {})
         identity_table = data.pop("identity", None)
         events_table = data.pop("events", None)
+        for section, cls in (("consent", ConsentSettings), ("audiences", AudienceSettings)):
+            section_table = data.pop(section, None)
+            if section_table is not None:
+                values[section] = _section_from_toml(section, cls, section_table)
         if data:
             raise ConfigError(f"config file {path}: unknown sections {sorted(data)}")
         for key, value in server_table.items():

@@ -6,7 +6,10 @@ from collections.abc import Callable
 
 from server.api import SERVICES, ServiceSpec, feature_of
 from server.app import Application
+from server.servicers.audiences import AudienceServicer
 from server.servicers.base import complete_servicer, implemented_methods
+from server.servicers.consent import ConsentServicer
+from server.servicers.destinations import DestinationServicer
 from server.servicers.events import EventServicer
 from server.servicers.identity import IdentityServicer
 from server.servicers.system import SystemServicer
@@ -16,6 +19,9 @@ SERVICER_CLASSES: dict[str, Callable[[Application], object]] = {
     "SystemService": SystemServicer,
     "IdentityService": IdentityServicer,
     "EventService": EventServicer,
+    "DestinationService": DestinationServicer,
+    "ConsentService": ConsentServicer,
+    "AudienceService": AudienceServicer,
 }
 
 

@@ -6,9 +6,11 @@ this module only imports them.
 
 from __future__ import annotations
 
+import audiences.destinations
+import audiences.models  # noqa: F401  (consent, derived views, audiences)
 import identity.events.models
 import identity.models  # noqa: F401  (registers the identity tables)
-from stitchgraph import idempotency  # noqa: F401  (registers its table)
+from stitchgraph import changes, idempotency  # noqa: F401  (registers their tables)
 from stitchgraph.db import Base
 
 metadata = Base.metadata

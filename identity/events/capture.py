@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -134,6 +134,28 @@ class _Prepared:
     park_detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class EventSignals:
+    """The consent signals and jurisdiction of one accepted event, for the consent store."""
+
+    identifier_pk: int
+    event_id: str
+    occurred_us: int
+    consent: Mapping[str, Any]
+    jurisdiction: str
+
+
+def _jurisdiction(context: Mapping[str, Any]) -> str:
+    """ISO 3166 code of the event's location: ``US-CA`` from region, else ``DE`` from country."""
+    country = str(context.get("country_code") or "").strip().upper()
+    region = str(context.get("region_code") or "").strip().upper()
+    if region and "-" in region and len(region) <= 8:
+        return region
+    if len(country) == 2 and country.isalpha():
+        return f"{country}-{region}" if region and region.isalnum() and len(region) <= 3 else country
+    return ""
+
+
 class EventLedger:
     """The event use cases over one database."""
 
@@ -144,6 +166,9 @@ class EventLedger:
         self.registry = registry
         self.settings = settings or EventSettings()
         identity.erase_hooks.append(erase_evidence)
+        #: Called in the capture transaction with the accepted events that carry consent
+        #: signals or a jurisdiction (the consent store records them as evidence).
+        self.signal_hooks: list[Callable[[Session, list[EventSignals]], None]] = []
 
     def start(self) -> None:
         """Store the default mappings (once) and load the configured registry file."""
@@ -239,6 +264,7 @@ class EventLedger:
                 outcome = {p.index: r for p, r in zip(resolving, graph_results, strict=True)}
             person_ids = _person_ids(session, {r.person_pk for r in outcome.values() if r.person_pk is not None})
             rows, evidence, totals = [], [], []
+            signals: list[EventSignals] = []
             for p in fresh:
                 result = outcome.get(p.index)
                 primary = result.primary_pk if result is not None else None
@@ -261,12 +287,19 @@ class EventLedger:
                                  for op, key, value in p.traits]
                     if not p.identity_only:
                         totals.append((primary, p.canonical, p.currency or "", p.micros or 0, p.occurred_us))
+                    jurisdiction = _jurisdiction(p.incoming.context)
+                    if p.incoming.consent or jurisdiction:
+                        signals.append(EventSignals(primary, p.event_id, p.occurred_us, p.incoming.consent,
+                                                    jurisdiction))
                 results.append(CaptureResult(p.index, ACCEPTED, receipt, event_id=p.event_id))
             session.execute(insert(_EVENTS), rows)
             if evidence:
                 _record_traits(session, evidence)
             if totals:
                 _add_totals(session, totals)
+            if signals:
+                for hook in self.signal_hooks:
+                    hook(session, signals)
         for p, event_id in duplicates:
             receipt = stored.get(event_id) or receipts[event_id]
             results.append(CaptureResult(p.index, DUPLICATE, receipt, event_id=event_id))

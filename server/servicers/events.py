@@ -302,6 +302,7 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         if not validate_only:
             for message, result in zip(messages, results, strict=True):
                 EVENTS_CAPTURED.labels(result.status, message.source).inc()
+            self._app.after_write()
         return results
 
     def _check_batch(self, count: int, field: str) -> None:

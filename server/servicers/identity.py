@@ -248,7 +248,10 @@ class IdentityServicer(identity_service_pb2_grpc.IdentityServiceServicer):
         self._ops: IdentityOperations = app.identity
 
     def _mutate(self, method: str, request: Any, response_type: type[R], op: Callable[[Session], R]) -> R:
-        return run_idempotent(self._db, _SERVICE + method, request, response_type, op, subjects=identifier_subjects)
+        response = run_idempotent(self._db, _SERVICE + method, request, response_type, op,
+                                  subjects=identifier_subjects)
+        self._app.after_write()
+        return response
 
     def _operator(self, requested: str) -> str:
         return requested or current_principal() or "unknown"
