@@ -23,7 +23,6 @@ Everything happens under one advisory lock so concurrent processes agree.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -162,7 +161,6 @@ class AudienceEngine:
         self.settings = settings or AudienceSettings()
         self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self._compiled: dict[tuple[int, str], CompiledRule] = {}
-        self._lock = threading.RLock()
 
     def now_us(self) -> int:
         return _us(self.clock())
@@ -195,7 +193,8 @@ class AudienceEngine:
 
     def gates(self, session: Session, audience_pk: int) -> list[DestinationGate]:
         rows = session.execute(
-            select(DestinationRow).join(AudienceDestinationRow, AudienceDestinationRow.destination_pk == DestinationRow.id)
+            select(DestinationRow)
+            .join(AudienceDestinationRow, AudienceDestinationRow.destination_pk == DestinationRow.id)
             .where(AudienceDestinationRow.audience_pk == audience_pk).order_by(AudienceDestinationRow.position)
         ).scalars()
         return [DestinationGate.of(row, self.configured_purposes()) for row in rows]
@@ -206,15 +205,14 @@ class AudienceEngine:
         """Drain the change journal: refresh the touched persons' views and re-evaluate every
         active audience for them. Returns the number of persons processed."""
         total = 0
-        with self._lock:
-            while True:
-                with self.db.transaction() as session:
-                    self.db.advisory_lock(session, AUDIENCE_LOCK)
-                    claimed = self._claim(session)
-                    if not claimed.reasons:
-                        return total
-                    self._process(session, claimed)
-                    total += len(claimed.reasons)
+        while True:
+            with self.db.transaction() as session:
+                self.db.advisory_lock(session, AUDIENCE_LOCK)
+                claimed = self._claim(session)
+                if not claimed.reasons:
+                    return total
+                self._process(session, claimed)
+                total += len(claimed.reasons)
 
     def _claim(self, session: Session) -> _Claimed:
         table = cast(Table, PersonChangeRow.__table__)
@@ -252,7 +250,7 @@ class AudienceEngine:
     def evaluate(self, audience_id: str, *, reason: str = "") -> Evaluation:
         """Evaluate one audience over the whole population (after draining the journal)."""
         self.process_changes()
-        with self._lock, self.db.transaction() as session:
+        with self.db.transaction() as session:
             audience = session.execute(select(AudienceRow).where(AudienceRow.audience_id == audience_id)).scalar_one()
             return self.evaluate_in(session, audience, reason=reason)
 
@@ -260,22 +258,21 @@ class AudienceEngine:
                     add_reason: str = "") -> Evaluation:
         """Full evaluation of ``audience`` in the caller's transaction (a BUILDING audience
         becomes ACTIVE). ``reason``/``add_reason`` override the reasons of the deltas."""
-        with self._lock:
-            self.db.advisory_lock(session, AUDIENCE_LOCK)
-            with EVALUATION_SECONDS.labels("full").time():
-                result = self._apply(session, audience, self.now_us(), None, {}, {}, mode="full",
-                                     removal_reason=reason, add_reason=add_reason)
-            if audience.state == BUILDING:
-                audience.state = ACTIVE
-                session.execute(update(AudienceRow).where(AudienceRow.id == audience.id).values(state=ACTIVE))
-            return result
+        self.db.advisory_lock(session, AUDIENCE_LOCK)
+        with EVALUATION_SECONDS.labels("full").time():
+            result = self._apply(session, audience, self.now_us(), None, {}, {}, mode="full",
+                                 removal_reason=reason, add_reason=add_reason)
+        if audience.state == BUILDING:
+            audience.state = ACTIVE
+            session.execute(update(AudienceRow).where(AudienceRow.id == audience.id).values(state=ACTIVE))
+        return result
 
     def expire_windows(self) -> dict[str, Evaluation]:
         """The scheduled pass: re-evaluate, in every active audience with time windows, the
         persons whose facts crossed a window boundary since the previous pass."""
         self.process_changes()
         results: dict[str, Evaluation] = {}
-        with self._lock, self.db.transaction() as session:
+        with self.db.transaction() as session:
             self.db.advisory_lock(session, AUDIENCE_LOCK)
             now_us = self.now_us()
             for audience in self._active(session):

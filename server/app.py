@@ -22,9 +22,9 @@ from identity.identifiers import IdentifierType
 from identity.operations import IdentityOperations
 from identity.policy import IdentityPolicy
 from server.config import IdentitySettings, Settings
+from stitchgraph.db import Database, DatabaseOptions
 
 logger = logging.getLogger("stitchgraph.app")
-from stitchgraph.db import Database, DatabaseOptions
 
 
 @dataclass

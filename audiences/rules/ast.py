@@ -131,7 +131,7 @@ class FactKind(Enum):
 class EventFact:
     """``count(purchase, within=7d, where=property("plan") == "pro")`` and friends.
 
-    ``within`` (microseconds) limits to events at or after evaluation time − within;
+    ``within`` (microseconds) limits to events at or after evaluation time minus within;
     ``currency`` (``sum`` only, ISO-4217) keeps only events in that currency."""
 
     kind: FactKind

@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 from sqlalchemy import Table, and_, delete, func, select, true
 from sqlalchemy.orm import Session
 
+from audiences.destinations import KINDS, DestinationRow
 from audiences.engine import ACTIVE, BUILDING, PAUSED, AudienceEngine, DestinationGate
 from audiences.explain import explain_person
 from audiences.models import (
@@ -23,7 +24,6 @@ from audiences.models import (
 )
 from audiences.rules import Diagnostic, RuleAnalysis
 from audiences.rules.compiler import PersonSet, all_of, count_query, population_query
-from audiences.destinations import KINDS, DestinationRow
 from identity.models import PersonRow
 from identity.queries import person_view, require_person_pk
 from server.app import Application
@@ -103,7 +103,8 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
 
     def _destinations_of(self, session: Session, audience_pk: int) -> list[DestinationRow]:
         return list(session.execute(
-            select(DestinationRow).join(AudienceDestinationRow, AudienceDestinationRow.destination_pk == DestinationRow.id)
+            select(DestinationRow)
+            .join(AudienceDestinationRow, AudienceDestinationRow.destination_pk == DestinationRow.id)
             .where(AudienceDestinationRow.audience_pk == audience_pk).order_by(AudienceDestinationRow.position))
             .scalars())
 
@@ -310,7 +311,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
             row.etag = uuid.uuid4().hex
             row.update_time = datetime.now(UTC)
             session.flush()
-            if row.state != PAUSED and (rule_changed or old_state == PAUSED or old_state == BUILDING):
+            if row.state != PAUSED and (rule_changed or old_state in (PAUSED, BUILDING)):
                 self._engine.evaluate_in(session, row)
             elif row.state != PAUSED and attached:
                 self._engine.evaluate_in(session, row, add_reason="DESTINATION_ATTACHED")
