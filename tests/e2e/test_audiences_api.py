@@ -316,3 +316,51 @@ def test_deleting_a_destination_in_use_needs_force_and_sends_removals(client: Cl
     assert _changes(client.deltas(audience.name))[-1] == (ivy, REMOVE, "DESTINATION_DETACHED")
     got = client.audiences.GetAudience(apb.GetAudienceRequest(name=audience.name)).audience
     assert list(got.destinations) == [] and got.member_count == 1
+
+
+def test_consent_signals_on_events_are_evidence(client: Client) -> None:
+    at = ts(datetime.now(UTC) - timedelta(hours=1))
+    signals = consent_pb2.ConsentSignals(
+        google_consent_mode=consent_pb2.GoogleConsentMode(ad_user_data=GRANTED, ad_personalization=DENIED),
+        segment=consent_pb2.SegmentConsent(category_preferences={"Analytics": False, "Advertising": True}))
+    event = events_pb2.Event(event="page_view", source="web", occurred_at=at, event_id="ev-consent-1",
+                             identifiers=[common_pb2.Identifier(type="anonymous_id", value="dev-77")],
+                             context=events_pb2.EventContext(consent=signals, country_code="US", region_code="US-CA"))
+    client.events.Capture(event_service_pb2.CaptureRequest(event=event))
+    person = client.identity.LookupPerson(identity_service_pb2.LookupPersonRequest(
+        identifier=common_pb2.Identifier(type="anonymous_id", value="dev-77"))).person.name
+    state = client.consent.GetConsentState(consent_service_pb2.GetConsentStateRequest(person=person)).consent_state
+    verdicts = {v.purpose: v for v in state.verdicts}
+    assert state.jurisdiction == "US-CA" and state.jurisdiction_source == "decision"
+    assert verdicts["ad_user_data"].state == GRANTED and verdicts["ad_user_data"].decision_count == 2
+    assert verdicts["ad_user_data"].decision.event_id == "ev-consent-1"
+    # Consent Mode denies, Segment's "Advertising" grants, in the same event: deny wins.
+    assert verdicts["ad_personalization"].state == DENIED
+    assert verdicts["ad_personalization"].decision.origin == consent_pb2.CONSENT_DECISION_ORIGIN_GOOGLE_CONSENT_MODE
+    assert "deny wins" in verdicts["ad_personalization"].explanation
+    assert verdicts["analytics"].state == DENIED
+    assert verdicts["analytics"].decision.origin == consent_pb2.CONSENT_DECISION_ORIGIN_SEGMENT
+    assert verdicts["ad_storage"].state == GRANTED
+    # No decision on sale/sharing in an opt-out region: granted by default.
+    assert verdicts["sale_or_sharing"].state == GRANTED
+    assert verdicts["sale_or_sharing"].resolved_by == consent_pb2.CONSENT_RESOLUTION_JURISDICTION_DEFAULT
+
+
+def test_incremental_membership_equals_a_full_evaluation(client: Client) -> None:
+    meta = client.meta_destination()
+    rule = 'count(page_view, within=30d) >= 2 or (trait("plan") == "pro" and has(email))'
+    audience = client.create("engaged", rule, [meta])
+    now = datetime.now(UTC)
+    for i in range(8):
+        client.identify(f"w{i}", email=f"w{i}@example.com" if i % 2 else "",
+                        traits={"plan": "pro" if i % 3 else "free", "country": "US"})
+        for n in range(i % 4):
+            client.events.Capture(event_service_pb2.CaptureRequest(event=events_pb2.Event(
+                event="page_view", source="web", occurred_at=ts(now - timedelta(hours=n + 1)),
+                identifiers=[common_pb2.Identifier(type="user_id", value=f"w{i}")])))
+    client.identify("w1", anonymous_id="merge-me")
+    client.identify("w2", anonymous_id="merge-me-2")
+    incremental = sorted(client.members(audience.name))
+    full = client.audiences.EvaluateAudience(apb.EvaluateAudienceRequest(name=audience.name))
+    assert (full.added_count, full.removed_count) == (0, 0)
+    assert sorted(client.members(audience.name)) == incremental and full.member_count == len(incremental) > 0
