@@ -176,12 +176,16 @@ class Source:
         found = self.keys.get(key)
         return self.position(found[0]) if found else None
 
-    def item_position(self, key: str, item: str) -> tuple[int, int] | None:
-        """Best effort: where the string ``item`` is written inside the value of ``key``."""
+    def value_position(self, key: str) -> tuple[int, int] | None:
+        found = self.keys.get(key)
+        return self.position(found[1]) if found else None
+
+    def item_position(self, key: str, *items: str) -> tuple[int, int] | None:
+        """Best effort: where one of the strings ``items`` is written inside the value of ``key``."""
         found = self.keys.get(key)
         if found is None:
             return None
-        for quoted in (json.dumps(item), f"'{item}'"):
+        for quoted in [q for item in items for q in (json.dumps(item), f"'{item}'")]:
             index = self.text.find(quoted, found[1])
             if index >= 0:
                 return self.position(index)
@@ -347,7 +351,7 @@ def _check_data(path: Path, source: Source, data: dict[str, Any]) -> FileReport:
 
     def problem(key: str | None, code: str, message: str, hint: str = "",
                 at: tuple[int, int] | None = None) -> None:
-        where = at or (source.key_position(key) if key else None)
+        where = at or (source.value_position(key) if key else None)
         problems.append(Problem(source, display, where[0] if where else None, where[1] if where else None,
                                 "error", code, message, hint))
 
@@ -368,10 +372,11 @@ def _check_data(path: Path, source: Source, data: dict[str, Any]) -> FileReport:
 
     for key in data:
         if key not in KEYS:
-            problem(key, "UNKNOWN_KEY", f"unknown key '{key}'", hint="allowed keys: " + ", ".join(KEYS))
+            problem(key, "UNKNOWN_KEY", f"unknown key '{key}'", hint="allowed keys: " + ", ".join(KEYS),
+                    at=source.key_position(key))
 
     if "id" in data:
-        audience_id = text_value("id", required=True, limit=63)
+        audience_id = text_value("id", required=True, limit=MAX_RULE_BYTES)  # INVALID_ID covers the length
         if audience_id and not _ID_RE.fullmatch(audience_id):
             problem("id", "INVALID_ID", f"'{audience_id}' is not a valid audience id",
                     hint="1 to 63 characters of a-z, 0-9 and '-', starting with a letter")
@@ -420,7 +425,8 @@ def _check_data(path: Path, source: Source, data: dict[str, Any]) -> FileReport:
     if "state" in data:
         raw_state = data["state"]
         if not isinstance(raw_state, str) or raw_state.lower() not in STATES:
-            problem("state", "INVALID_STATE", f"'state' must be \"active\" or \"paused\", not {raw_state!r}")
+            shown = _quote(raw_state) if isinstance(raw_state, str) else _type_name(raw_state)
+            problem("state", "INVALID_STATE", f"'state' must be \"active\" or \"paused\", not {shown}")
         else:
             state = raw_state.lower()
 
@@ -469,7 +475,7 @@ def load_reports(path: Path) -> list[FileReport]:
             continue
         first = seen.setdefault(report.spec.audience_id, report)
         if first is not report:
-            where = report.spec.source.key_position("id")
+            where = report.spec.source.value_position("id")
             report.problems.append(Problem(
                 report.spec.source, report.display, where[0] if where else None, where[1] if where else None,
                 "error", "DUPLICATE_ID", f"audience id '{report.spec.audience_id}' is also used by {first.display}"))
@@ -557,8 +563,10 @@ class Connection:
         else:
             self.channel = grpc.insecure_channel(target)
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        self.audiences = audience_service_pb2_grpc.AudienceServiceStub(self.channel)
-        self.destinations = destination_service_pb2_grpc.DestinationServiceStub(self.channel)
+        # The generated stubs are untyped; every call goes through call() with a typed result.
+        self.audiences: Any = audience_service_pb2_grpc.AudienceServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        self.destinations: Any = destination_service_pb2_grpc.DestinationServiceStub(  # type: ignore[no-untyped-call]
+            self.channel)
 
     def __enter__(self) -> Connection:
         return self
@@ -619,7 +627,8 @@ def _server_checks(conn: Connection, specs: Sequence[AudienceSpec]
             if destination_id not in exists:
                 exists[destination_id] = conn.destination_exists(destination_id)
             if not exists[destination_id]:
-                where = spec.source.item_position("destinations", destination_id) or (None, None)
+                where = spec.source.item_position("destinations", destination_id,
+                                                  f"destinations/{destination_id}") or (None, None)
                 problems[spec.audience_id].append(Problem(
                     spec.source, spec.source.display, where[0], where[1], "error", "DESTINATION_NOT_FOUND",
                     f"destination '{destination_id}' does not exist on {conn.target}",
@@ -809,7 +818,7 @@ def _ask(question: str) -> str:
     return sys.stdin.readline().strip().lower()
 
 
-def _state_pb(state: str | None) -> audiences_pb2.AudienceState.ValueType:
+def _state_pb(state: str | None) -> audiences_pb2.AudienceState:
     return {"active": audiences_pb2.AUDIENCE_STATE_ACTIVE, "paused": audiences_pb2.AUDIENCE_STATE_PAUSED}.get(
         state or "", audiences_pb2.AUDIENCE_STATE_UNSPECIFIED)
 
@@ -856,6 +865,8 @@ def _execute(conn: Connection, step: Step) -> str:
 
 def cmd_apply(reports: list[FileReport], conn: Connection, *, folder: bool, yes: bool, prune: bool,
               dry_run: bool) -> int:
+    if prune and not folder:
+        raise CliError("--prune needs a folder: with a single file every other managed audience would be deleted")
     bad = [r for r in reports if not r.ok]
     for report in bad:
         for p in report.problems:
@@ -863,8 +874,6 @@ def cmd_apply(reports: list[FileReport], conn: Connection, *, folder: bool, yes:
     if bad:
         print(f"\nNothing applied: {len(bad)} file{'s' if len(bad) != 1 else ''} with errors.")
         return 1
-    if prune and not folder:
-        raise CliError("--prune needs a folder: with a single file every other managed audience would be deleted")
     specs = [r.spec for r in reports if r.spec is not None]
     remote, _ = _server_checks(conn, specs)
     problems = [p for ps in remote.values() for p in ps if p.severity == "error"]
@@ -906,10 +915,9 @@ def cmd_apply(reports: list[FileReport], conn: Connection, *, folder: bool, yes:
         try:
             print(_execute(conn, step))
         except grpc.RpcError as exc:
-            if _code(exc) == grpc.StatusCode.UNAVAILABLE:
-                raise
             what = (f"audiences/{step.audience_id} changed on the server after the plan was made"
-                    if _code(exc) == grpc.StatusCode.ABORTED else f"could not {step.action} audiences/{step.audience_id}")
+                    if _code(exc) == grpc.StatusCode.ABORTED
+                    else f"could not {step.action} audiences/{step.audience_id}")
             print(f"error: {what} ({_rpc_text(exc)}).", file=sys.stderr)
             print(f"Stopped after {done} of {len(todo)} changes; run apply again to see the new plan.")
             return 1
@@ -959,6 +967,9 @@ def run(args: argparse.Namespace) -> int:
     except CliError as exc:
         print(f"stitchgraph audiences: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nstitchgraph audiences: interrupted", file=sys.stderr)
+        return 130
     except grpc.RpcError as exc:
         code = _code(exc)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -1,4 +1,4 @@
-"""The ``stitchgraph`` command line: ``serve``, ``migrate``, ``version``."""
+"""The ``stitchgraph`` command line: ``serve``, ``migrate``, ``audiences``, ``version``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audiences(args: argparse.Namespace) -> int:
+    from server.audiences_cli import run
+
+    return run(args)
+
+
 def cmd_version(_args: argparse.Namespace) -> int:
     print(f"stitchgraph {__version__} (API {API_VERSION})")
     return 0
@@ -93,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="apply database migrations and exit")
     migrate.add_argument("--database-url", help="SQLAlchemy URL of the store")
     migrate.set_defaults(func=cmd_migrate)
+    from server.audiences_cli import add_arguments as add_audiences_arguments
+
+    audiences = commands.add_parser("audiences", help="validate, preview and apply a folder of audience files",
+                                    description="Audience rules as code: one TOML file per audience.")
+    add_audiences_arguments(audiences)
+    audiences.set_defaults(func=cmd_audiences)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
     return parser
