@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["rpc_overhead", "identity_online", "identity_rebuild", "events_capture"]
+BENCHMARKS = ["rpc_overhead", "identity_online", "identity_rebuild", "events_capture", "audiences"]
 
 
 def main(argv: list[str]) -> int:
