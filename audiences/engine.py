@@ -90,8 +90,6 @@ class DestinationGate:
 
     pk: int
     destination_id: str
-    kind: str
-    active: bool
     purposes: tuple[str, ...]
     advertising: bool
     limited_data_use: bool
@@ -101,7 +99,7 @@ class DestinationGate:
     def of(row: DestinationRow, configured: Sequence[str]) -> DestinationGate:
         spec = KINDS.get(row.kind)
         return DestinationGate(
-            pk=row.id, destination_id=row.destination_id, kind=row.kind, active=row.state == "ACTIVE",
+            pk=row.id, destination_id=row.destination_id,
             purposes=tuple(p for p in effective_purposes(row) if p in configured),
             advertising=bool(spec and spec.advertising), limited_data_use=limited_data_use_enabled(row),
             match_key_types=spec.match_key_types if spec else ())

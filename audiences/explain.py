@@ -21,7 +21,7 @@ from audiences.destinations import KINDS, DestinationRow, effective_purposes, li
 from audiences.engine import PAUSED, AudienceEngine
 from audiences.models import AudienceDestinationMemberRow, AudienceMemberRow, AudienceRow, PersonTraitRow
 from audiences.rules import ast, clause_text
-from audiences.rules.compiler import CompiledRule, _Renderer
+from audiences.rules.compiler import CompiledRule
 from identity.events.computed import rfc3339
 from identity.models import IdentifierRow
 
@@ -69,7 +69,6 @@ def _show(value: Any) -> str:
 
 def _observe(session: Session, rule: CompiledRule, atom: ast.Atom, now_us: int, person_pk: int,
              consent: PersonConsent | None) -> str:
-    renderer = _Renderer(rule.dialect, now_us, lambda column: column == person_pk)
     if isinstance(atom, ast.BoolLit):
         return "constant"
     if isinstance(atom, ast.ConsentRef):
@@ -90,8 +89,7 @@ def _observe(session: Session, rule: CompiledRule, atom: ast.Atom, now_us: int, 
                                                                  PersonTraitRow.key == key)).first()
         return f"trait {key} absent" if row is None else f"trait {key} = {_show(row[0])}"
     if isinstance(target, ast.EventFact):
-        aggregate = renderer._fact_aggregate(target)
-        value = session.execute(renderer._events(target).with_only_columns(aggregate)).scalar()
+        value = rule.value(session, target, now_us, person_pk)
         name = f"{target.kind.value}({target.event})"
         if target.kind is ast.FactKind.COUNT:
             return f"{name} = {value or 0}"
@@ -99,8 +97,7 @@ def _observe(session: Session, rule: CompiledRule, atom: ast.Atom, now_us: int, 
             return f"{name} = {(value or 0) / 1_000_000:g}"
         return f"{name} = {rfc3339(value)}" if value is not None else f"{name}: no such event"
     if isinstance(target, ast.ComputedRef):
-        aggregate, query = renderer._computed(target)
-        value = session.execute(query.with_only_columns(aggregate).group_by(None)).scalar()
+        value = rule.value(session, target, now_us, person_pk)
         name = f"computed {target.name}" + (f" {target.currency}" if target.currency else "")
         if ast.COMPUTED_TYPES[target.name] is ast.Type.TIME:
             return f"{name} = {rfc3339(value)}" if value is not None else f"{name} absent"

@@ -73,9 +73,12 @@ def asserted_traits(session: Session, person_pks: Sequence[int]) -> dict[int, di
             states.setdefault(person_of[row.identifier_pk], {}).setdefault(row.key, []).append(trait_rules.TraitState(
                 row.lw_us, row.lw_event, bool(row.lw_unset), row.lw_value, row.lw_source, row.so_us, row.so_event,
                 row.so_value, row.so_source))
+    identifiers_of: dict[int, list[int]] = {}
+    for pk, person in person_of.items():
+        identifiers_of.setdefault(person, []).append(pk)
     result: dict[int, dict[str, trait_rules.TraitValue]] = {}
     for person, by_key in states.items():
-        own = [pk for pk, p in person_of.items() if p == person]
+        own = identifiers_of[person]
 
         def set_once_after(key: str, us: int, event_id: str, own: list[int] = own) -> trait_rules.Evidence | None:
             row = session.execute(select(TraitEvidenceRow).where(

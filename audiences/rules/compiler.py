@@ -160,6 +160,16 @@ class CompiledRule:
     def evaluate_atom(self, session: Session, atom: ast.Atom, now_us: int, person_pk: int) -> bool:
         return person_pk in evaluate_set(session, lambda scope: self.atom_set(atom, now_us, scope), [person_pk])
 
+    def value(self, session: Session, target: ast.EventFact | ast.ComputedRef, now_us: int, person_pk: int) -> Any:
+        """The raw aggregate one person has for an event fact or computed trait (None when it
+        has no such rows): the number behind a clause, for explanations."""
+        renderer = _Renderer(self.dialect, now_us, lambda column: column == person_pk)
+        if isinstance(target, ast.EventFact):
+            return session.execute(renderer._events(target).with_only_columns(
+                renderer._fact_aggregate(target))).scalar()
+        aggregate, query = renderer._computed(target)
+        return session.execute(query.with_only_columns(aggregate).group_by(None)).scalar()
+
     def query(self, now_us: int) -> Select[Any]:
         """The whole-population query (what preview and full evaluation run)."""
         return population_query(self.sets(now_us))

@@ -31,7 +31,7 @@ from server.filters import parse_filter
 from server.pagination import page_request
 from server.servicers.consent import destination_consent_pb, load_destinations
 from server.servicers.identity import parse_person_name, person_pb
-from server.servicers.timestamps import micros_pb, timestamp_pb
+from server.servicers.timestamps import datetime_us, micros_pb, timestamp_pb
 from stitchgraph.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
 from stitchgraph.idempotency import run_idempotent
 from stitchgraph.v1 import audience_service_pb2, audience_service_pb2_grpc, audiences_pb2
@@ -46,10 +46,6 @@ _STATES = {audiences_pb2.AUDIENCE_STATE_ACTIVE: ACTIVE, audiences_pb2.AUDIENCE_S
 _STATE_PB = {ACTIVE: audiences_pb2.AUDIENCE_STATE_ACTIVE, PAUSED: audiences_pb2.AUDIENCE_STATE_PAUSED,
              BUILDING: audiences_pb2.AUDIENCE_STATE_BUILDING}
 _KIND_PB = {"ADD": audiences_pb2.AUDIENCE_DELTA_KIND_ADD, "REMOVE": audiences_pb2.AUDIENCE_DELTA_KIND_REMOVE}
-
-
-def _us(moment: datetime) -> int:
-    return int(moment.timestamp()) * 1_000_000 + moment.microsecond
 
 
 def diagnostic_pb(d: Diagnostic) -> audiences_pb2.RuleDiagnostic:
@@ -264,8 +260,6 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
         if c.field == "destinations":
             wanted = c.value if c.value.startswith("destinations/") else f"destinations/{c.value}"
             return bool((wanted in message.destinations) == (c.op == "="))
-        if c.field.startswith("labels."):
-            return bool(c.apply(message.labels.get(c.field.removeprefix("labels."), ""), c.value))
         key, _, value = c.value.partition(":")
         return bool((message.labels.get(key) == value) == (c.op == "="))
 
@@ -366,7 +360,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 destinations = load_destinations(session, list(request.destinations))
             else:
                 destinations = self._destinations_of(session, audience.id) if audience else []
-            matched = compiled.sets(_us(now))
+            matched = compiled.sets(datetime_us(now))
             count: int = session.execute(count_query(matched)).scalar_one()
             sample_ids = list(session.execute(
                 select(PersonRow.id).where(PersonRow.id.in_(population_query(matched)))
@@ -390,7 +384,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 destinations = load_destinations(session, list(request.destinations))
             else:
                 destinations = self._destinations_of(session, audience.id)
-            report = explain_person(session, self._engine, audience, pk, destinations, _us(now))
+            report = explain_person(session, self._engine, audience, pk, destinations, datetime_us(now))
             current_id = session.execute(select(PersonRow.person_id).where(PersonRow.id == pk)).scalar_one()
             return pb.CheckEligibilityResponse(
                 person=f"persons/{current_id}", rule_matched=report.rule_matched,
@@ -468,7 +462,7 @@ class AudienceServicer(audience_service_pb2_grpc.AudienceServiceServicer):
                 conditions.append(d.kind == audiences_pb2.AudienceDeltaKind.Name(request.kind).removeprefix(
                     "AUDIENCE_DELTA_KIND_"))
             if request.HasField("start_time"):
-                conditions.append(d.created_us >= _us(request.start_time.ToDatetime(tzinfo=UTC)))
+                conditions.append(d.created_us >= datetime_us(request.start_time.ToDatetime(tzinfo=UTC)))
             if page.after:
                 conditions.append(d.id < int(page.after))
             rows = list(session.execute(select(d).where(and_(true(), *conditions))

@@ -24,7 +24,7 @@ from identity.queries import person_pk_by_identifier, require_person_pk
 from server.app import Application
 from server.pagination import page_request
 from server.servicers.identity import parse_person_name
-from server.servicers.timestamps import micros_pb, timestamp_pb
+from server.servicers.timestamps import datetime_us, micros_pb, timestamp_pb
 from stitchgraph import changes
 from stitchgraph.changes import mark_persons
 from stitchgraph.errors import FieldViolation, InvalidArgument, NotFound
@@ -36,10 +36,6 @@ _SERVICE = "/stitchgraph.v1.ConsentService/"
 MAX_DECISIONS = 50
 MAX_SOURCE_LENGTH = 64
 MAX_FUTURE_SKEW = timedelta(hours=24)
-
-
-def _us(moment: datetime) -> int:
-    return int(moment.timestamp()) * 1_000_000 + moment.microsecond
 
 
 def _status(granted: bool) -> consent_pb2.ConsentStatus:
@@ -139,7 +135,7 @@ class ConsentServicer(consent_service_pb2_grpc.ConsentServiceServicer):
                     violations.append(FieldViolation(f"{field}.time", "must be a real time, not in the future",
                                                      "INVALID_TIME"))
             rows.append({"decision_id": new_decision_id(), "purpose": d.purpose,
-                         "granted": d.state == consent_pb2.CONSENT_STATUS_GRANTED, "occurred_us": _us(moment),
+                         "granted": d.state == consent_pb2.CONSENT_STATUS_GRANTED, "occurred_us": datetime_us(moment),
                          "origin": "API", "source": d.source or "grpc", "jurisdiction": jurisdiction,
                          "opt_out": False, "event_id": "", "request_id": request.request_id, "detail": "",
                          "recorded_at": now})
@@ -164,7 +160,7 @@ class ConsentServicer(consent_service_pb2_grpc.ConsentServiceServicer):
             if moment > now + MAX_FUTURE_SKEW or moment.year < 2000:
                 raise InvalidArgument.for_field("signals_time", "must be a real time, not in the future",
                                                 reason="INVALID_TIME")
-            signal_rows, _ = decision_rows(0, signals, self._settings, occurred_us=_us(moment), source="grpc",
+            signal_rows, _ = decision_rows(0, signals, self._settings, occurred_us=datetime_us(moment), source="grpc",
                                            jurisdiction="", request_id=request.request_id, now=now)
             rows += signal_rows
         if not rows:

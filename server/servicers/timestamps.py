@@ -14,6 +14,11 @@ def timestamp_pb(moment: datetime) -> Timestamp:
     return ts
 
 
+def datetime_us(moment: datetime) -> int:
+    """Exact microseconds since the epoch of an aware ``moment``."""
+    return int(moment.timestamp()) * 1_000_000 + moment.microsecond
+
+
 def micros_pb(us: int) -> Timestamp:
     """Microseconds since the epoch as a protobuf Timestamp."""
     ts = Timestamp()

@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from server.grpc_server import StitchgraphServer
@@ -25,13 +24,13 @@ from stitchgraph.v1 import (
     consent_service_pb2_grpc,
     destination_service_pb2,
     destination_service_pb2_grpc,
-    destinations_pb2,
     event_service_pb2,
     event_service_pb2_grpc,
     events_pb2,
     identity_service_pb2,
     identity_service_pb2_grpc,
 )
+from tests.support.audiences import create_meta_audience_destination
 from tests.support.grpc_client import rich_error
 
 apb = audience_service_pb2
@@ -95,13 +94,7 @@ class Client:
         self.events.Capture(event_service_pb2.CaptureRequest(event=event))
 
     def meta_destination(self, destination_id: str = "meta-ca") -> str:
-        settings = struct_pb2.Struct()
-        settings.update({"audience_id": "23850000000000000", "ad_account_id": "act_1"})
-        self.destinations.CreateDestination(destination_service_pb2.CreateDestinationRequest(
-            destination_id=destination_id, destination=destinations_pb2.Destination(
-                kind=destinations_pb2.DESTINATION_KIND_META_CUSTOM_AUDIENCE, display_name="Meta CA",
-                credentials_ref="env:META_TOKEN", settings=settings)))
-        return f"destinations/{destination_id}"
+        return create_meta_audience_destination(self.destinations, destination_id)
 
     def create(self, audience_id: str, rule: str, destinations: list[str]) -> audiences_pb2.Audience:
         return self.audiences.CreateAudience(apb.CreateAudienceRequest(audience_id=audience_id, audience=(
@@ -364,3 +357,17 @@ def test_incremental_membership_equals_a_full_evaluation(client: Client) -> None
     full = client.audiences.EvaluateAudience(apb.EvaluateAudienceRequest(name=audience.name))
     assert (full.added_count, full.removed_count) == (0, 0)
     assert sorted(client.members(audience.name)) == incremental and full.member_count == len(incremental) > 0
+
+
+def test_list_audiences_filters(client: Client) -> None:
+    meta = client.meta_destination()
+    client.create("with-meta", 'trait("plan") == "pro"', [meta])
+    client.audiences.CreateAudience(apb.CreateAudienceRequest(audience_id="labelled", audience=audiences_pb2.Audience(
+        display_name="labelled", rule="has(email)", labels={"team": "growth"})))
+
+    def names(text: str) -> list[str]:
+        return [a.name for a in client.audiences.ListAudiences(apb.ListAudiencesRequest(filter=text)).audiences]
+
+    assert names(f'destinations = "{meta}"') == ["audiences/with-meta"]
+    assert names('labels = "team:growth"') == ["audiences/labelled"]
+    assert names('state = ACTIVE AND display_name = "labelled"') == ["audiences/labelled"]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
 
 import server.audiences_cli as audiences_cli
 from server.cli import main
@@ -19,13 +18,12 @@ from stitchgraph.v1 import (
     audience_service_pb2_grpc,
     audiences_pb2,
     common_pb2,
-    destination_service_pb2,
     destination_service_pb2_grpc,
-    destinations_pb2,
     identity_service_pb2,
     identity_service_pb2_grpc,
 )
 from tests.e2e.conftest import READ_TOKEN
+from tests.support.audiences import create_meta_audience_destination
 
 apb = audience_service_pb2
 
@@ -59,12 +57,7 @@ class Api:
         self.identity = identity_service_pb2_grpc.IdentityServiceStub(channel)  # type: ignore[no-untyped-call]
 
     def meta_destination(self, destination_id: str = "meta-ca") -> None:
-        settings = struct_pb2.Struct()
-        settings.update({"audience_id": "23850000000000000", "ad_account_id": "act_1"})
-        self.destinations.CreateDestination(destination_service_pb2.CreateDestinationRequest(
-            destination_id=destination_id, destination=destinations_pb2.Destination(
-                kind=destinations_pb2.DESTINATION_KIND_META_CUSTOM_AUDIENCE, display_name="Meta CA",
-                credentials_ref="env:META_TOKEN", settings=settings)))
+        create_meta_audience_destination(self.destinations, destination_id)
 
     def identify(self, anonymous_id: str, email: str, traits: dict[str, str]) -> None:
         identifiers = [common_pb2.Identifier(type="anonymous_id", value=anonymous_id)]
