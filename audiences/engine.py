@@ -42,6 +42,7 @@ from audiences.models import (
     AudienceRow,
     PersonConsentRow,
 )
+from audiences.outbox import cancel_person_deliveries, enqueue_deltas, keys_of_persons, merge_keys
 from audiences.rules import RuleAnalysis, RuleCatalog, analyze
 from audiences.rules.compiler import CompiledRule, PersonSet, Scope, evaluate_set
 from audiences.views import refresh
@@ -313,14 +314,18 @@ class AudienceEngine:
         new = self.matching(session, audience, now_us, persons)
         old: dict[int, str] = {}
         old_dest: dict[int, set[int]] = {}
+        old_keys: dict[tuple[int, int], list[list[Any]]] = {}
         old_query = select(members_t.c.person_pk, members_t.c.person_id).where(members_t.c.audience_pk == audience.id)
-        old_dest_query = select(dest_t.c.destination_pk, dest_t.c.person_pk).where(dest_t.c.audience_pk == audience.id)
+        old_dest_query = select(dest_t.c.destination_pk, dest_t.c.person_pk, dest_t.c["keys"]).where(
+            dest_t.c.audience_pk == audience.id)
         for chunk in [None] if persons is None else _chunks(sorted(set(persons))):
             condition = [] if chunk is None else [members_t.c.person_pk.in_(chunk)]
             old.update((r.person_pk, r.person_id) for r in session.execute(old_query.where(*condition)))
             condition = [] if chunk is None else [dest_t.c.person_pk.in_(chunk)]
             for r in session.execute(old_dest_query.where(*condition)):
                 old_dest.setdefault(r.destination_pk, set()).add(r.person_pk)
+                if r.keys:
+                    old_keys[(r.destination_pk, r.person_pk)] = r.keys
         added, removed = new - old.keys(), old.keys() - new
         changes_by_gate: list[tuple[DestinationGate, set[int], set[int]]] = []
         for gate in self.gates(session, audience.id):
@@ -341,14 +346,18 @@ class AudienceEngine:
                                                   "person_id": person_ids.get(p, ""), "join_us": now_us}
                                                  for p in sorted(added)])
         deltas: list[dict[str, Any]] = []
+        current_keys = keys_of_persons(session, {p for _, joins, leaves in changes_by_gate for p in joins | leaves})
+        removal_keys: dict[tuple[int, int], list[list[Any]]] = {}
         for gate, joins, leaves in changes_by_gate:
             for chunk in _chunks(sorted(leaves)):
                 session.execute(delete(dest_t).where(dest_t.c.audience_pk == audience.id,
                                                      dest_t.c.destination_pk == gate.pk, dest_t.c.person_pk.in_(chunk)))
             if joins:
                 session.execute(dest_t.insert(), [{"audience_pk": audience.id, "destination_pk": gate.pk,
-                                                   "person_pk": p, "since_us": now_us} for p in sorted(joins)])
+                                                   "person_pk": p, "since_us": now_us, "keys": current_keys.get(p)}
+                                                  for p in sorted(joins)])
             for p in sorted(leaves):
+                removal_keys[(gate.pk, p)] = merge_keys(old_keys.get((gate.pk, p)), current_keys.get(p))
                 why = removal_reason or self._removal_reason(p, new, gone, reasons.get(p, set()), mode)
                 deltas.append(_delta(audience, gate, p, person_ids[p], REMOVE, why, event_ids.get(p, ""), now_us))
             for p in sorted(joins):
@@ -356,6 +365,7 @@ class AudienceEngine:
                 deltas.append(_delta(audience, gate, p, person_ids[p], ADD, why, event_ids.get(p, ""), now_us))
         if deltas:
             session.execute(cast(Table, AudienceDeltaRow.__table__).insert(), deltas)
+            enqueue_deltas(session, deltas, removal_keys, at_us=now_us)
             for d in deltas:
                 DELTAS.labels(d["kind"], d["reason"]).inc()
         count = len(new) if persons is None else (audience.member_count or 0) + len(added) - len(removed)
@@ -409,21 +419,64 @@ class AudienceEngine:
         count = 0
         for pk in destination_pks:
             destination = session.get(DestinationRow, pk)
-            rows = session.execute(select(dest_t.c.person_pk, members_t.c.person_id).join(
+            rows = session.execute(select(dest_t.c.person_pk, dest_t.c["keys"], members_t.c.person_id).join(
                 members_t, (members_t.c.audience_pk == dest_t.c.audience_pk)
                 & (members_t.c.person_pk == dest_t.c.person_pk), isouter=True).where(
                 dest_t.c.audience_pk == audience.id, dest_t.c.destination_pk == pk)).all()
             if rows:
                 gate_id = destination.destination_id if destination is not None else ""
-                session.execute(cast(Table, AudienceDeltaRow.__table__).insert(), [
-                    {"audience_pk": audience.id, "audience_id": audience.audience_id, "destination_pk": pk,
-                     "destination_id": gate_id, "person_pk": r.person_pk, "person_id": r.person_id or "",
-                     "kind": REMOVE, "reason": reason, "event_id": "", "created_us": now_us} for r in rows])
+                deltas = [{"audience_pk": audience.id, "audience_id": audience.audience_id, "destination_pk": pk,
+                           "destination_id": gate_id, "person_pk": r.person_pk, "person_id": r.person_id or "",
+                           "kind": REMOVE, "reason": reason, "event_id": "", "created_us": now_us} for r in rows]
+                session.execute(cast(Table, AudienceDeltaRow.__table__).insert(), deltas)
+                current = keys_of_persons(session, [r.person_pk for r in rows])
+                enqueue_deltas(session, deltas, {(pk, r.person_pk): merge_keys(r.keys, current.get(r.person_pk))
+                                                 for r in rows}, at_us=now_us)
                 DELTAS.labels(REMOVE, reason).inc(len(rows))
                 count += len(rows)
             session.execute(delete(dest_t).where(dest_t.c.audience_pk == audience.id,
                                                  dest_t.c.destination_pk == pk))
         return count
+
+    def erase_person(self, session: Session, person_pk: int, erasure_id: str) -> list[str]:
+        """Erase hook (before the identifiers go): drop the person's memberships at once, record
+        REMOVE deltas (reason ERASED) and queue ERASE deliveries carrying the hashed keys each
+        destination was sent; cancel the person's queued conversions and additions. Returns the
+        names of the ERASE deliveries."""
+        self.db.advisory_lock(session, AUDIENCE_LOCK)
+        members_t = cast(Table, AudienceMemberRow.__table__)
+        dest_t = cast(Table, AudienceDestinationMemberRow.__table__)
+        now_us = self.now_us()
+        person_id = session.execute(select(PersonRow.person_id).where(PersonRow.id == person_pk)).scalar() or ""
+        held = session.execute(select(dest_t.c.audience_pk, dest_t.c.destination_pk, dest_t.c["keys"])
+                               .where(dest_t.c.person_pk == person_pk)
+                               .order_by(dest_t.c.audience_pk, dest_t.c.destination_pk)).all()
+        names: list[str] = []
+        if held:
+            audiences = {a.id: a.audience_id for a in session.execute(select(AudienceRow.id, AudienceRow.audience_id)
+                                                                      .where(AudienceRow.id.in_({h[0] for h in held})))}
+            destinations = {d.id: d.destination_id for d in session.execute(
+                select(DestinationRow.id, DestinationRow.destination_id)
+                .where(DestinationRow.id.in_({h[1] for h in held})))}
+            current = keys_of_persons(session, [person_pk]).get(person_pk)
+            deltas = [{"audience_pk": h.audience_pk, "audience_id": audiences.get(h.audience_pk, ""),
+                       "destination_pk": h.destination_pk, "destination_id": destinations.get(h.destination_pk, ""),
+                       "person_pk": person_pk, "person_id": person_id, "kind": REMOVE, "reason": "ERASED",
+                       "event_id": "", "created_us": now_us} for h in held]
+            session.execute(cast(Table, AudienceDeltaRow.__table__).insert(), deltas)
+            names = enqueue_deltas(session, [d | {"erasure_id": erasure_id} for d in deltas],
+                                   {(h.destination_pk, person_pk): merge_keys(h.keys, current) for h in held},
+                                   at_us=now_us)
+            DELTAS.labels(REMOVE, "ERASED").inc(len(deltas))
+            session.execute(delete(dest_t).where(dest_t.c.person_pk == person_pk))
+        joined: list[int] = list(session.execute(
+            select(members_t.c.audience_pk).where(members_t.c.person_pk == person_pk)).scalars())
+        if joined:
+            session.execute(delete(members_t).where(members_t.c.person_pk == person_pk))
+            session.execute(update(AudienceRow).where(AudienceRow.id.in_(joined))
+                            .values(member_count=AudienceRow.member_count - 1))
+        cancel_person_deliveries(session, person_pk, "PERSON_ERASED", at_us=now_us)
+        return names
 
     def resolved_consent(self, session: Session, person_pk: int) -> PersonConsent | None:
         return self.consent.resolve_persons(session, [person_pk]).get(person_pk)

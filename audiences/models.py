@@ -145,6 +145,9 @@ class AudienceDestinationMemberRow(Base):
     destination_pk: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     person_pk: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     since_us: Mapped[int] = mapped_column(BigInteger)
+    # The match keys the person had when it joined ([type, value, {platform key: hash}], hashed
+    # only): what a later removal must take back, even after a merge or an erasure.
+    keys: Mapped[list[list[Any]] | None] = mapped_column(JSON, nullable=True)
 
 
 class AudienceDeltaRow(Base):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["rpc_overhead", "identity_online", "identity_rebuild", "events_capture", "audiences"]
+BENCHMARKS = ["rpc_overhead", "identity_online", "identity_rebuild", "events_capture", "audiences", "delivery"]
 
 
 def main(argv: list[str]) -> int:

@@ -155,6 +155,10 @@ class ErasureRow(Base):
     operator: Mapped[str] = mapped_column(String(128))
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # When the state last changed (None: never since creation).
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Names of the erase deliveries queued for destinations ("destinations/{d}/deliveries/{id}").
+    deliveries: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class PolicyRow(Base):

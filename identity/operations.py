@@ -65,6 +65,9 @@ class IdentityOperations:
         #: Called with the pks of identifiers about to be erased, in the erasing transaction,
         #: so evidence kept elsewhere (events, traits) goes with them.
         self.erase_hooks: list[Callable[[Session, Sequence[int]], None]] = []
+        #: Called once per erasure, before anything is deleted, with the person's primary key and
+        #: the erasure ID; returns the names of the deliveries queued to tell destinations.
+        self.person_erase_hooks: list[Callable[[Session, int, str], Sequence[str]]] = []
 
     # -- policy ---------------------------------------------------------------------------
 
@@ -368,6 +371,9 @@ class IdentityOperations:
         now = datetime.now(UTC)
         now_us = to_micros(now)
         erasure_id = "er_" + uuid.uuid4().hex[:24]
+        deliveries: list[str] = []
+        for person_hook in self.person_erase_hooks:
+            deliveries += person_hook(session, pk, erasure_id)
         for start in range(0, len(ids), 400):
             chunk = ids[start:start + 400]
             for hook in self.erase_hooks:
@@ -388,7 +394,8 @@ class IdentityOperations:
                 session.add(TombstoneRow(identifier_hash=h, erased_us=now_us, erasure_id=erasure_id))
         # Stored responses of earlier requests name these identifiers: forget them too.
         forget_subjects(session, hashes)
-        row = ErasureRow(id=erasure_id, person_id=person.person_id, identifier_hashes=hashes, state="PENDING",
+        row = ErasureRow(id=erasure_id, person_id=person.person_id, identifier_hashes=hashes,
+                         state="PROPAGATING" if deliveries else "COMPLETED", deliveries=deliveries,
                          operator=operator, reason=reason, created_at=now)
         session.add(row)
         session.flush()

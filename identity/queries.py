@@ -193,4 +193,5 @@ def _accepted_path(session: Session, person_pk: int, start: int, goal: int) -> l
 
 def erasure_view(row: ErasureRow) -> ErasureView:
     return ErasureView(id=row.id, person_id=row.person_id, identifier_hashes=tuple(row.identifier_hashes),
-                       state=row.state, operator=row.operator, reason=row.reason, created_at=row.created_at)
+                       state=row.state, operator=row.operator, reason=row.reason, created_at=row.created_at,
+                       updated_at=row.updated_at, deliveries=tuple(row.deliveries or ()))

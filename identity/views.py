@@ -108,3 +108,6 @@ class ErasureView:
     operator: str
     reason: str
     created_at: datetime
+    updated_at: datetime | None = None
+    #: Names of the erase deliveries queued for destinations that held the person.
+    deliveries: tuple[str, ...] = ()

@@ -12,7 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audiences.consent.store import ConsentStore
+from audiences.delivery import DeliveryEngine
 from audiences.engine import AudienceEngine
+from audiences.outbox import enqueue_conversions
 from audiences.rules import RuleCatalog
 from identity.blocklist import BlocklistEntry
 from identity.events.capture import EventLedger
@@ -37,6 +39,7 @@ class Application:
     events: EventLedger
     consent: ConsentStore
     audiences: AudienceEngine
+    delivery: DeliveryEngine
     _stop: threading.Event = field(default_factory=threading.Event)
     _timers: list[threading.Thread] = field(default_factory=list)
 
@@ -46,6 +49,8 @@ class Application:
         self.events.start()
         if not background:
             return
+        if self.settings.delivery.enabled and self.settings.delivery.workers > 0:
+            self.delivery.start()
         audiences = self.settings.audiences
         for name, interval, job in (("audience-journal", audiences.process_interval_seconds,
                                      self.audiences.process_changes),
@@ -68,11 +73,13 @@ class Application:
         write, when configured to do so inline."""
         if self.settings.audiences.evaluate_inline:
             self.audiences.process_changes()
+        self.delivery.wake()
 
     def close(self) -> None:
         self._stop.set()
         for thread in self._timers:
             thread.join(timeout=30)
+        self.delivery.close()
         self.db.dispose()
 
 
@@ -90,6 +97,7 @@ def build_application(settings: Settings) -> Application:
     consent = ConsentStore(settings.consent)
     events.signal_hooks.append(consent.record_event_signals)
     identity.erase_hooks.append(consent.erase)
+    events.event_hooks.append(enqueue_conversions)
 
     def catalog(session: Session) -> RuleCatalog:
         mapped = set(session.execute(select(EventMappingRow.canonical_event).distinct()).scalars())
@@ -97,8 +105,10 @@ def build_application(settings: Settings) -> Application:
                            purposes=tuple(settings.consent.purposes),
                            identifier_types=frozenset(identity.policy(session).types.names))
 
+    audiences = AudienceEngine(db, consent, catalog, settings.audiences)
+    identity.person_erase_hooks.append(audiences.erase_person)
     return Application(settings=settings, db=db, identity=identity, events=events, consent=consent,
-                       audiences=AudienceEngine(db, consent, catalog, settings.audiences))
+                       audiences=audiences, delivery=DeliveryEngine(db, consent, settings.delivery))
 
 
 def seed_identity_policy(settings: IdentitySettings) -> IdentityPolicy:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from audiences.consent.settings import ConsentSettings
+from audiences.delivery import DeliverySettings
 from audiences.engine import AudienceSettings
 from identity.events.capture import EventSettings
 
@@ -90,6 +91,7 @@ class Settings:
     events: EventSettings = field(default_factory=EventSettings)
     consent: ConsentSettings = field(default_factory=ConsentSettings)
     audiences: AudienceSettings = field(default_factory=AudienceSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
     @property
     def auth_enabled(self) -> bool:
@@ -134,6 +136,15 @@ class Settings:
             raise ConfigError(f"consent: {exc}") from exc
         if self.audiences.process_interval_seconds < 0 or self.audiences.window_interval_seconds < 0:
             raise ConfigError("audiences: intervals must not be negative (0 turns a timer off)")
+        delivery = self.delivery
+        if delivery.workers < 0 or delivery.max_attempts < 1:
+            raise ConfigError("delivery: workers must not be negative and max_attempts must be at least 1")
+        for key in ("poll_interval_seconds", "lease_seconds", "request_timeout_seconds", "backoff_base_seconds",
+                    "backoff_max_seconds", "throttle_seconds"):
+            if getattr(delivery, key) <= 0:
+                raise ConfigError(f"delivery.{key} must be positive")
+        if delivery.lease_seconds <= delivery.request_timeout_seconds:
+            raise ConfigError("delivery.lease_seconds must be longer than delivery.request_timeout_seconds")
         names = [t.name for t in self.tokens]
         if len(names) != len(set(names)):
             raise ConfigError("auth.tokens: token names must be unique")
@@ -230,7 +241,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "STITCHGRAPH_LOG_FORMAT": ("log_format", str),
 }
 
-_TOP_LEVEL_KEYS = {f.name for f in fields(Settings)} - {"tokens", "identity", "events", "consent", "audiences"}
+_TOP_LEVEL_KEYS = {f.name for f in fields(Settings)} - {"tokens", "identity", "events", "consent", "audiences",
+                                                        "delivery"}
 
 # STITCHGRAPH_EVENTS_* variables: env name -> (EventSettings field, parser).
 _EVENTS_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -318,7 +330,8 @@ def load_settings(
         auth_table = data.pop("auth", {})
         identity_table = data.pop("identity", None)
         events_table = data.pop("events", None)
-        for section, cls in (("consent", ConsentSettings), ("audiences", AudienceSettings)):
+        for section, cls in (("consent", ConsentSettings), ("audiences", AudienceSettings),
+                             ("delivery", DeliverySettings)):
             section_table = data.pop(section, None)
             if section_table is not None:
                 values[section] = _section_from_toml(section, cls, section_table)

@@ -15,8 +15,9 @@ across server processes takes a transaction-scoped advisory lock
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,3 +182,16 @@ def insert_ignoring_conflicts(session: Session, table: Any, rows: dict[str, Any]
         session.execute(statement.values(**rows))
     else:
         session.execute(statement, rows)
+
+
+def in_values(session: Session, column: Any, values: Iterable[Any]) -> Any:
+    """``column IN values`` as one bound parameter however many values there are: a JSON
+    array read with ``json_each`` on SQLite, ``= ANY(array)`` on PostgreSQL. Expanding a
+    thousand-value IN list costs more to compile than the query costs to run."""
+    from sqlalchemy import any_, bindparam, func, literal_column, select
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    listed = list(values)
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(None, listed, type_=ARRAY(column.type)))
+    return column.in_(select(literal_column("value")).select_from(func.json_each(bindparam(None, json.dumps(listed)))))

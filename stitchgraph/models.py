@@ -7,7 +7,8 @@ this module only imports them.
 from __future__ import annotations
 
 import audiences.destinations
-import audiences.models  # noqa: F401  (consent, derived views, audiences)
+import audiences.models
+import audiences.outbox  # noqa: F401  (delivery outbox and log)
 import identity.events.models
 import identity.models  # noqa: F401  (registers the identity tables)
 from stitchgraph import changes, idempotency  # noqa: F401  (registers their tables)

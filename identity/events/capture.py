@@ -145,6 +145,19 @@ class EventSignals:
     jurisdiction: str
 
 
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An accepted canonical event with a person, for the hooks that act on new events (the
+    delivery outbox). ``action_source`` is the lower-case ActionSource name or ""."""
+
+    event_id: str
+    event: str
+    occurred_us: int
+    person_pk: int | None
+    person_id: str
+    action_source: str = ""
+
+
 def _jurisdiction(context: Mapping[str, Any]) -> str:
     """ISO 3166 code of the event's location: ``US-CA`` from region, else ``DE`` from country."""
     country = str(context.get("country_code") or "").strip().upper()
@@ -169,6 +182,9 @@ class EventLedger:
         #: Called in the capture transaction with the accepted events that carry consent
         #: signals or a jurisdiction (the consent store records them as evidence).
         self.signal_hooks: list[Callable[[Session, list[EventSignals]], None]] = []
+        #: Called in the capture transaction with the accepted canonical events that have a
+        #: person (the delivery outbox queues conversions from them).
+        self.event_hooks: list[Callable[[Session, list[StoredEvent]], object]] = []
 
     def start(self) -> None:
         """Store the default mappings (once) and load the configured registry file."""
@@ -265,6 +281,7 @@ class EventLedger:
             person_ids = _person_ids(session, {r.person_pk for r in outcome.values() if r.person_pk is not None})
             rows, evidence, totals = [], [], []
             signals: list[EventSignals] = []
+            stored_events: list[StoredEvent] = []
             for p in fresh:
                 result = outcome.get(p.index)
                 primary = result.primary_pk if result is not None else None
@@ -287,6 +304,9 @@ class EventLedger:
                                  for op, key, value in p.traits]
                     if not p.identity_only:
                         totals.append((primary, p.canonical, p.currency or "", p.micros or 0, p.occurred_us))
+                        if result is not None and result.person_pk is not None:
+                            stored_events.append(StoredEvent(p.event_id, p.canonical, p.occurred_us, result.person_pk,
+                                                             receipt.person_id, p.incoming.action_source.lower()))
                     jurisdiction = _jurisdiction(p.incoming.context)
                     if p.incoming.consent or jurisdiction:
                         signals.append(EventSignals(primary, p.event_id, p.occurred_us, p.incoming.consent,
@@ -300,6 +320,9 @@ class EventLedger:
             if signals:
                 for hook in self.signal_hooks:
                     hook(session, signals)
+            if stored_events:
+                for event_hook in self.event_hooks:
+                    event_hook(session, stored_events)
         for p, event_id in duplicates:
             receipt = stored.get(event_id) or receipts[event_id]
             results.append(CaptureResult(p.index, DUPLICATE, receipt, event_id=event_id))

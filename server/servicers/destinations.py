@@ -3,7 +3,7 @@ resume destinations. Translates requests into :mod:`audiences.destinations` call
 back into messages; mutations are idempotent by ``request_id``.
 
 The delivery log RPCs (``ListDeliveries``, ``GetDelivery``, ``RetryDelivery``,
-``ReconcileAudience``) land with the delivery engine and answer ``UNIMPLEMENTED`` until then.
+``ReconcileAudience``) are in :mod:`server.servicers.deliveries`, mixed in here.
 Credentials are only ever a reference; errors and logs never repeat it.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from audiences.destinations import (
@@ -41,10 +41,12 @@ from audiences.destinations import (
     validate_destination_id,
 )
 from audiences.models import AudienceDestinationRow, AudienceRow
+from audiences.outbox import CANCELLED, DELIVERIES, OPEN_STATUSES, now_us
 from identity.events.registry import CANONICAL_EVENTS
 from server.app import Application
 from server.filters import parse_filter
 from server.pagination import page_request
+from server.servicers.deliveries import DeliveryLogMixin, destination_stats, parse_destination_name
 from server.servicers.timestamps import timestamp_pb
 from stitchgraph.errors import FailedPrecondition, InvalidArgument
 from stitchgraph.idempotency import run_idempotent
@@ -79,15 +81,6 @@ def known_events(app: Application) -> frozenset[str]:
 
 
 # -- translation -------------------------------------------------------------------------------
-
-def parse_destination_name(name: str, field: str = "name") -> str:
-    """The destination ID of ``destinations/{id}``; raise :class:`InvalidArgument` on ``field``."""
-    destination_id = name.removeprefix("destinations/")
-    if not name.startswith("destinations/") or validate_destination_id(destination_id):
-        raise InvalidArgument.for_field(field, "must be a destination resource name like "
-                                               "'destinations/meta-capi'", reason="INVALID_NAME")
-    return destination_id
-
 
 def _kind_name(kind: int) -> str:
     """The stored kind for an enum number: "" when unset, ``<n>`` for a number the proto lacks."""
@@ -179,13 +172,21 @@ def _update_fields(request: Any) -> tuple[str, ...]:
 
 # -- the servicer ------------------------------------------------------------------------------
 
-class DestinationServicer(destination_service_pb2_grpc.DestinationServiceServicer):
+class DestinationServicer(DeliveryLogMixin, destination_service_pb2_grpc.DestinationServiceServicer):
     def __init__(self, app: Application) -> None:
         self._app = app
         self._db = app.db
 
     def _mutate(self, method: str, request: Any, response_type: type[R], op: Callable[[Session], R]) -> R:
         return run_idempotent(self._db, _SERVICE + method, request, response_type, op)
+
+    def _app_mutate(self, method: str, request: Any, response_type: Any, op: Any) -> Any:
+        return self._mutate(method, request, response_type, op)
+
+    def _pb(self, session: Session, row: DestinationRow) -> destinations_pb2.Destination:
+        message = destination_pb(row)
+        message.stats.CopyFrom(destination_stats(session, [row.id])[row.id])
+        return message
 
     def _require_valid(self, config: DestinationConfig) -> None:
         require_valid(config, purposes=configured_purposes(self._app), known_events=known_events(self._app))
@@ -212,7 +213,7 @@ class DestinationServicer(destination_service_pb2_grpc.DestinationServiceService
     def GetDestination(self, request: Any, context: grpc.ServicerContext) -> Any:
         destination_id = parse_destination_name(request.name)
         with self._db.read() as session:
-            return pb.GetDestinationResponse(destination=destination_pb(get_destination(session, destination_id)))
+            return pb.GetDestinationResponse(destination=self._pb(session, get_destination(session, destination_id)))
 
     def ListDestinations(self, request: Any, context: grpc.ServicerContext) -> Any:
         comparisons = [(c, _filter_value(c.field, c.value))
@@ -228,7 +229,14 @@ class DestinationServicer(destination_service_pb2_grpc.DestinationServiceService
         more = len(rows) > page.size
         rows = rows[:page.size]
         token = page.next_token([rows[-1].display_name, rows[-1].destination_id], request.filter) if more else ""
-        return pb.ListDestinationsResponse(destinations=[destination_pb(r) for r in rows], next_page_token=token)
+        with self._db.read() as session:
+            stats = destination_stats(session, [r.id for r in rows])
+        messages = []
+        for r in rows:
+            message = destination_pb(r)
+            message.stats.CopyFrom(stats[r.id])
+            messages.append(message)
+        return pb.ListDestinationsResponse(destinations=messages, next_page_token=token)
 
     def UpdateDestination(self, request: Any, context: grpc.ServicerContext) -> Any:
         message = request.destination
@@ -247,7 +255,7 @@ class DestinationServicer(destination_service_pb2_grpc.DestinationServiceService
             row = update_destination(session, row, updated)
             logger.info("destination %s updated: %s", row.destination_id, ", ".join(fields),
                         extra={"destination": row.destination_id, "fields": list(fields)})
-            return pb.UpdateDestinationResponse(destination=destination_pb(row))
+            return pb.UpdateDestinationResponse(destination=self._pb(session, row))
 
         return self._mutate("UpdateDestination", request, pb.UpdateDestinationResponse, op)
 
@@ -269,7 +277,12 @@ class DestinationServicer(destination_service_pb2_grpc.DestinationServiceService
                 self._app.audiences.detach(session, audience, [row.id], "DESTINATION_DETACHED")
                 session.execute(delete(AudienceDestinationRow).where(AudienceDestinationRow.audience_pk == audience.id,
                                                                      AudienceDestinationRow.destination_pk == row.id))
-            response = pb.DeleteDestinationResponse(destination=destination_pb(row))
+            response = pb.DeleteDestinationResponse(destination=self._pb(session, row))
+            now = now_us()
+            session.execute(update(DELIVERIES).where(DELIVERIES.c.destination_pk == row.id,
+                                                     DELIVERIES.c.status.in_(OPEN_STATUSES))
+                            .values(status=CANCELLED, status_reason="DESTINATION_DELETED", claim_token="",
+                                    lease_until_us=None, updated_us=now))
             delete_destination(session, row)
             logger.info("destination %s deleted", destination_id, extra={"destination": destination_id})
             return response
@@ -289,7 +302,7 @@ class DestinationServicer(destination_service_pb2_grpc.DestinationServiceService
                 set_destination_state(session, row, PAUSED, request.reason)
                 logger.info("destination %s paused: %s", destination_id, request.reason or "(no reason given)",
                             extra={"destination": destination_id, "reason": request.reason})
-            return pb.PauseDestinationResponse(destination=destination_pb(row))
+            return pb.PauseDestinationResponse(destination=self._pb(session, row))
 
         return self._mutate("PauseDestination", request, pb.PauseDestinationResponse, op)
 
@@ -302,7 +315,9 @@ class DestinationServicer(destination_service_pb2_grpc.DestinationServiceService
             if row.state == PAUSED:
                 set_destination_state(session, row, ACTIVE)
                 logger.info("destination %s resumed", destination_id, extra={"destination": destination_id})
-            return pb.ResumeDestinationResponse(destination=destination_pb(row))
+            return pb.ResumeDestinationResponse(destination=self._pb(session, row))
 
-        return self._mutate("ResumeDestination", request, pb.ResumeDestinationResponse, op)
+        response = self._mutate("ResumeDestination", request, pb.ResumeDestinationResponse, op)
+        self._app.delivery.wake()
+        return response
 

@@ -130,8 +130,8 @@ def erasure_pb(view: ErasureView) -> identity_pb2.Erasure:
         name=f"erasures/{view.id}", person_id=view.person_id, identifier_hashes=view.identifier_hashes,
         state=_ERASURE_STATES.get(view.state, identity_pb2.ERASURE_STATE_UNSPECIFIED),
         create_time=timestamp_pb(view.created_at),
-        update_time=timestamp_pb(view.created_at), operator=view.operator, reason=view.reason,
-        identifier_count=len(view.identifier_hashes),
+        update_time=timestamp_pb(view.updated_at or view.created_at), operator=view.operator, reason=view.reason,
+        identifier_count=len(view.identifier_hashes), deliveries=list(view.deliveries),
     )
 
 

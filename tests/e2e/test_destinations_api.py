@@ -491,6 +491,27 @@ def test_reads_need_read_and_changes_need_admin(db_url: str) -> None:
         assert got.destination.credentials_ref == "env:META_CAPI_TOKEN"
 
 
-def test_the_delivery_log_is_not_implemented_yet(stub: Any) -> None:
-    error = rich_error(call_error(lambda: stub.ListDeliveries(pb.ListDeliveriesRequest(parent="destinations/-"))))
-    assert error.code == grpc.StatusCode.UNIMPLEMENTED and error.metadata["feature"] == "delivery"
+def test_the_delivery_log_refuses_bad_names_and_filters(stub: Any) -> None:
+    assert list(stub.ListDeliveries(pb.ListDeliveriesRequest(parent="destinations/-")).deliveries) == []
+    cases = [
+        (lambda: stub.ListDeliveries(pb.ListDeliveriesRequest(parent="meta")), grpc.StatusCode.INVALID_ARGUMENT,
+         "parent"),
+        (lambda: stub.ListDeliveries(pb.ListDeliveriesRequest(parent="destinations/-", status=99)),
+         grpc.StatusCode.INVALID_ARGUMENT, "status"),
+        (lambda: stub.ListDeliveries(pb.ListDeliveriesRequest(parent="destinations/-", person="p-1")),
+         grpc.StatusCode.INVALID_ARGUMENT, "person"),
+        (lambda: stub.GetDelivery(pb.GetDeliveryRequest(name="destinations/x/deliveries/abc")),
+         grpc.StatusCode.INVALID_ARGUMENT, "name"),
+        (lambda: stub.RetryDelivery(pb.RetryDeliveryRequest(name="deliveries/1")), grpc.StatusCode.INVALID_ARGUMENT,
+         "name"),
+        (lambda: stub.ReconcileAudience(pb.ReconcileAudienceRequest()), grpc.StatusCode.INVALID_ARGUMENT, "audience"),
+    ]
+    for call, code, field in cases:
+        error = rich_error(call_error(call))
+        assert error.code == code, (field, error)
+        assert field in error.field_violations, (field, error.field_violations)
+    missing = rich_error(call_error(lambda: stub.ListDeliveries(pb.ListDeliveriesRequest(parent="destinations/nope"))))
+    assert missing.code == grpc.StatusCode.NOT_FOUND
+    gone = rich_error(call_error(lambda: stub.GetDelivery(pb.GetDeliveryRequest(
+        name="destinations/nope/deliveries/12"))))
+    assert gone.code == grpc.StatusCode.NOT_FOUND and gone.reason == "DELIVERY_NOT_FOUND"

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, String, Text, select
+from sqlalchemy import JSON, BigInteger, DateTime, String, Text, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -208,6 +208,11 @@ class DestinationRow(Base):
     etag: Mapped[str] = mapped_column(String(40))
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Delivery bookkeeping (not configuration, so not part of the etag): nothing is sent before
+    # send_after_us (a platform throttled us); the last successful and failed attempts.
+    send_after_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_success_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_failure_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,8 @@ def is_credentials_ref(value: str) -> bool:
 def secret_looking_key(key: str) -> bool:
     """True when a settings key names a secret (``access_token``, ``api-key``, ``clientSecret`` ...)."""
     folded = _KEY_NOISE_RE.sub("", key).lower()
+    if folded.endswith(("url", "uri")):  # an endpoint such as token_url names where a secret goes, not the secret
+        return False
     return any(marker in folded for marker in _SECRET_MARKERS)
 
 
