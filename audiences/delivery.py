@@ -34,6 +34,7 @@ import logging
 import random
 import secrets
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -222,6 +223,7 @@ class DeliveryEngine:
             limits=httpx.Limits(max_connections=max(4, 2 * self.settings.workers), max_keepalive_connections=8),
             follow_redirects=False, headers={"User-Agent": "stitchgraph-delivery/0.1"})
         self._rotation = 0
+        self._last_reclaim = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -250,7 +252,9 @@ class DeliveryEngine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.reclaim_expired()
+                if time.monotonic() - self._last_reclaim >= self.settings.lease_seconds / 4:
+                    self._last_reclaim = time.monotonic()
+                    self.reclaim_expired()
                 settled = self.run_once()
             except Exception:  # keep the worker alive; the rows stay claimable
                 logger.exception("delivery round failed")
@@ -293,8 +297,17 @@ class DeliveryEngine:
                 status_reason="LEASE_EXPIRED"))
             return int(getattr(result, "rowcount", 0) or 0)
 
+    def _anything_due(self, now: int) -> bool:
+        """A cheap read first, so idle workers do not take the write lock every poll."""
+        c = DELIVERIES.c
+        with self.db.read() as session:
+            return session.execute(select(c.id).where(
+                c.status.in_((PENDING, RETRYING)), c.next_attempt_us <= now).limit(1)).first() is not None
+
     def _claim(self) -> _Claim | None:
         postgres = self.db.is_postgres
+        if not self._anything_due(self.clock()):
+            return None
         with self.db.transaction() as session:
             now = self.clock()
             destinations = [d for d in session.execute(select(DestinationRow).where(

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from identity.normalize import sha256_hex
+
 __all__ = [
     "PERMANENT",
     "RETRYABLE",
@@ -42,12 +44,16 @@ __all__ = [
     "HttpReply",
     "PersonKeys",
     "RecordOutcome",
+    "ReplaceSession",
     "call",
     "excerpt",
     "parse_retry_after",
     "redact",
     "resolve_credentials",
     "sha256_hex",
+    "transport_outcome",
+    "unix_seconds",
+    "whole_batch",
 ]
 
 SUCCEEDED = "SUCCEEDED"
@@ -60,12 +66,6 @@ EXCERPT_LIMIT = 2048
 
 _HASH_RE = re.compile(r"\b[0-9a-fA-F]{64}\b")
 _QUERY_SECRET_RE = re.compile(r"(?i)(access_token|appsecret_proof|client_secret|refresh_token|key)=([^&\s\"']+)")
-
-
-def sha256_hex(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # -- what the worker hands over -----------------------------------------------------------------

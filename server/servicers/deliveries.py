@@ -142,6 +142,8 @@ class DeliveryLogMixin:
 
     _app: Any
     _db: Any
+    #: The servicer's idempotent mutation runner (``run_idempotent`` under its service name).
+    _mutate: Any
 
     def ListDeliveries(self, request: Any, context: grpc.ServicerContext) -> Any:
         conditions: list[Any] = []
@@ -210,7 +212,7 @@ class DeliveryLogMixin:
             session.refresh(row)
             return pb.RetryDeliveryResponse(delivery=deliveries_pb(session, [row])[0])
 
-        response = self._app_mutate("RetryDelivery", request, pb.RetryDeliveryResponse, op)
+        response = self._mutate("RetryDelivery", request, pb.RetryDeliveryResponse, op)
         self._app.delivery.wake()
         return response
 
@@ -236,9 +238,6 @@ class DeliveryLogMixin:
                 removal_count=r.removal_count, full_replace=r.full_replace, delivery_count=r.delivery_count)
                 for r in results])
 
-        response = self._app_mutate("ReconcileAudience", request, pb.ReconcileAudienceResponse, op)
+        response = self._mutate("ReconcileAudience", request, pb.ReconcileAudienceResponse, op)
         self._app.delivery.wake()
         return response
-
-    def _app_mutate(self, method: str, request: Any, response_type: Any, op: Any) -> Any:
-        raise NotImplementedError

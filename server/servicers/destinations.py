@@ -180,9 +180,6 @@ class DestinationServicer(DeliveryLogMixin, destination_service_pb2_grpc.Destina
     def _mutate(self, method: str, request: Any, response_type: type[R], op: Callable[[Session], R]) -> R:
         return run_idempotent(self._db, _SERVICE + method, request, response_type, op)
 
-    def _app_mutate(self, method: str, request: Any, response_type: Any, op: Any) -> Any:
-        return self._mutate(method, request, response_type, op)
-
     def _pb(self, session: Session, row: DestinationRow) -> destinations_pb2.Destination:
         message = destination_pb(row)
         message.stats.CopyFrom(destination_stats(session, [row.id])[row.id])

@@ -232,10 +232,12 @@ def test_reference_trace_reaches_every_platform_with_the_email_learnt_at_identif
     assert at_google.identifiers == (("hashedEmail", sha("ada.lovelace@example.com")),)
     assert at_google.ad_user_data == "GRANTED"
 
-    delivery = wait_for(lambda: [d for d in client.deliveries(event_id="evt-purchase-7")
-                                 if d.status == STATUS.Value("DELIVERY_STATUS_SUCCEEDED")] if len(
-        [d for d in client.deliveries(event_id="evt-purchase-7")
-         if d.status == STATUS.Value("DELIVERY_STATUS_SUCCEEDED")]) == 3 else [], what="the log")
+    def settled() -> list[destinations_pb2.Delivery]:
+        done = [d for d in client.deliveries(event_id="evt-purchase-7")
+                if d.status == STATUS.Value("DELIVERY_STATUS_SUCCEEDED")]
+        return done if len(done) == 3 else []
+
+    delivery = wait_for(settled, what="the log")
     assert {d.platform_event_name for d in delivery if d.destination != "destinations/google-ads"} == {"Purchase"}
     meta_log = next(d for d in delivery if d.destination == "destinations/meta-capi")
     assert meta_log.person and meta_log.attempts == 1 and meta_log.attempts_log[0].http_status == 200
