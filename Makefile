@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/stitchgraph/v1/*.proto)
 STUBS  := stitchgraph/v1/__init__.py
 
-.PHONY: run test bench setup stubs migrate lint typecheck demo-clean clean
+.PHONY: run test bench demo setup stubs migrate lint typecheck demo-clean clean
 
 ## run: set up, apply migrations and serve on 127.0.0.1:50051 (SQLite under ./var/)
 run: setup
@@ -20,6 +20,10 @@ test: setup
 ## bench: run every benchmark and print its figures
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
+
+## demo: the same set-up, then the server with Meta and PostHog sandboxes on loopback and a printed trace
+demo: setup
+	$(PY) scripts/demo.py
 
 setup: $(INSTALLED) $(STUBS)
 
@@ -42,7 +46,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 typecheck: setup
-	$(VENV)/bin/mypy stitchgraph/errors.py stitchgraph/db.py stitchgraph/idempotency.py stitchgraph/changes.py stitchgraph/migrations/__init__.py identity audiences server
+	$(VENV)/bin/mypy stitchgraph/errors.py stitchgraph/db.py stitchgraph/idempotency.py stitchgraph/changes.py stitchgraph/scheduler.py stitchgraph/migrations/__init__.py identity audiences server
 
 clean:
 	rm -rf $(VENV) stitchgraph/v1 .pytest_cache .mypy_cache .ruff_cache

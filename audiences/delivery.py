@@ -61,6 +61,7 @@ from audiences.destinations.base import (
     PersonKeys,
     RecordOutcome,
     ReplaceSession,
+    TraitUpdate,
     redact,
     resolve_credentials,
 )
@@ -170,6 +171,7 @@ class _Prepared:
     changes: list[AudienceChange] = field(default_factory=list)
     action: str = ""
     session: ReplaceSession | None = None
+    traits: list[TraitUpdate] = field(default_factory=list)
     #: Rows settled without sending: id → (status, reason).
     settled: dict[int, tuple[str, str]] = field(default_factory=dict)
 
@@ -379,7 +381,7 @@ class DeliveryEngine:
                                             response_excerpt=str(exc))
         with self.db.read() as session:
             prepared = self._prepare(session, claim, now)
-        if not prepared.conversions and not prepared.changes:
+        if not prepared.conversions and not prepared.changes and not prepared.traits:
             return prepared, None
         context = DestinationContext(destination.destination_id, destination.kind, destination.settings, credentials,
                                      timeout_seconds=self.settings.request_timeout_seconds)
@@ -387,6 +389,8 @@ class DeliveryEngine:
             with REQUEST_SECONDS.labels(destination.kind).time():
                 if prepared.conversions:
                     result = adapter.send_conversions(self.client, context, prepared.conversions)
+                elif prepared.traits:
+                    result = adapter.send_traits(self.client, context, prepared.traits)
                 else:
                     result = adapter.send_audience(self.client, context, prepared.action, prepared.changes,
                                                    prepared.session)
@@ -394,13 +398,16 @@ class DeliveryEngine:
             logger.exception("adapter %s failed for destination %s", destination.kind, destination.destination_id)
             message = redact(f"{type(exc).__name__}: {exc}", list(credentials.values()))[:300]
             outcome = RecordOutcome(RETRYABLE, "", f"adapter error: {message}", "ADAPTER_ERROR")
-            ids = [r.delivery_id for r in prepared.conversions] + [r.delivery_id for r in prepared.changes]
+            ids = ([r.delivery_id for r in prepared.conversions] + [r.delivery_id for r in prepared.changes]
+                   + [r.delivery_id for r in prepared.traits])
             result = BatchResult({i: outcome for i in ids}, requests=0)
         return prepared, result
 
     def _prepare(self, session: Session, claim: _Claim, now: int) -> _Prepared:
         if KINDS[claim.destination.kind].conversions:
             return self._prepare_conversions(session, claim, now)
+        if KINDS[claim.destination.kind].traits:
+            return self._prepare_traits(session, claim)
         return self._prepare_audience(session, claim)
 
     def _consents(self, session: Session, persons: Sequence[int]) -> dict[int, PersonConsent]:
@@ -473,6 +480,37 @@ class DeliveryEngine:
                 properties=body.get("properties") or {}, context=context,
                 action_source=str(body.get("action_source") or "").lower(),
                 limited_data_use=verdict.limited_data_use, consent=granted))
+        return prepared
+
+    def _prepare_traits(self, session: Session, claim: _Claim) -> _Prepared:
+        """Trait updates, addressed to the ID the analytics tool knows the person by (the
+        kind's match key types, strongest first), if consent still allows it."""
+        prepared = _Prepared()
+        destination = claim.destination
+        persons = sorted({r.person_pk for r in claim.rows if r.person_pk is not None})
+        types = KINDS[destination.kind].match_key_types
+        identity: dict[int, str] = {}
+        rank: dict[int, int] = {}
+        for person, type_, value in session.execute(
+                select(IdentifierRow.person_pk, IdentifierRow.type, IdentifierRow.value).where(
+                    in_values(session, IdentifierRow.person_pk, persons), IdentifierRow.type.in_(types))
+                .order_by(IdentifierRow.id)):
+            position = types.index(type_)
+            if person not in rank or position < rank[person]:
+                identity[person], rank[person] = value, position
+        consents = self._consents(session, persons)
+        for row in claim.rows:
+            consent = consents.get(row.person_pk) if row.person_pk is not None else None
+            payload = row.payload or {}
+            if consent is None or row.person_pk is None:
+                prepared.settled[row.id] = (CANCELLED, "PERSON_ERASED")
+            elif not self._verdict(destination, consent).allowed:
+                prepared.settled[row.id] = (SKIPPED_NO_CONSENT, _skip_reason(consent, destination.purposes))
+            elif row.person_pk not in identity:
+                prepared.settled[row.id] = (CANCELLED, "NO_MATCH_KEYS")
+            else:
+                prepared.traits.append(TraitUpdate(row.id, identity[row.person_pk], dict(payload.get("values") or {}),
+                                                   tuple(payload.get("unset") or ()), int(payload.get("at_us") or 0)))
         return prepared
 
     def _prepare_audience(self, session: Session, claim: _Claim) -> _Prepared:

@@ -160,6 +160,9 @@ class AudienceEngine:
         self.settings = settings or AudienceSettings()
         self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self._compiled: dict[tuple[int, str], CompiledRule] = {}
+        #: Called with the persons whose views and memberships were just brought up to date, in
+        #: the same transaction (trait write-back queues what changed).
+        self.person_hooks: list[Callable[[Session, Sequence[int]], object]] = []
 
     def now_us(self) -> int:
         return _us(self.clock())
@@ -238,6 +241,8 @@ class AudienceEngine:
         for audience in self._active(session):
             with EVALUATION_SECONDS.labels("incremental").time():
                 self._apply(session, audience, now_us, persons, claimed.reasons, claimed.event_ids, mode="incremental")
+        for hook in self.person_hooks:
+            hook(session, persons)
 
     @staticmethod
     def _active(session: Session) -> list[AudienceRow]:
@@ -368,6 +373,9 @@ class AudienceEngine:
             enqueue_deltas(session, deltas, removal_keys, at_us=now_us)
             for d in deltas:
                 DELTAS.labels(d["kind"], d["reason"]).inc()
+        if mode != "incremental" and (added or removed):
+            for hook in self.person_hooks:
+                hook(session, sorted(added | removed))
         count = len(new) if persons is None else (audience.member_count or 0) + len(added) - len(removed)
         values: dict[str, Any] = {"member_count": count}
         if persons is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["rpc_overhead", "identity_online", "identity_rebuild", "events_capture", "audiences", "delivery"]
+BENCHMARKS = ["rpc_overhead", "identity_online", "identity_rebuild", "events_capture", "audiences", "delivery",
+              "cohorts"]
 
 
 def main(argv: list[str]) -> int:

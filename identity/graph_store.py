@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import JSON, DateTime, Table, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from identity.graph import (
@@ -63,6 +63,7 @@ from identity.sightings import Ignored, Sighting
 from stitchgraph import changes
 from stitchgraph.changes import mark_persons
 from stitchgraph.db import Database, insert_ignoring_conflicts
+from stitchgraph.db import driver_executemany as _driver_executemany
 
 GRAPH_LOCK = "stitchgraph.identity-graph"
 _CHUNK = 400  # bound parameters per IN (...) list, well under every backend's limit
@@ -87,38 +88,6 @@ _PERSONS = cast(Table, PersonRow.__table__)
 _CLUSTERS = cast(Table, ClusterRow.__table__)
 _LINKS = cast(Table, LinkRow.__table__)
 _HISTORY = cast(Table, HistoryRow.__table__)
-
-
-def _driver_executemany(session: Session, table: Any, sql: str, columns: Sequence[str],
-                        rows: Sequence[dict[str, Any]]) -> None:
-    """Run ``sql`` (with ``?`` markers, one per column) once per row through the DBAPI's
-    executemany. The hot path writes thousands of rows per batch; SQLAlchemy's
-    per-parameter processing would cost more than the database does. JSON columns are
-    serialised here (and cast on PostgreSQL, where a text parameter is not json)."""
-    if not rows:
-        return
-    connection = session.connection()
-    postgres = connection.dialect.name == "postgresql"
-    json_columns = {c.name for c in table.columns if isinstance(c.type, JSON)}
-    if postgres:
-        markers = iter(["%s::json" if c in json_columns else "%s" for c in columns])
-        sql = "".join(next(markers) if ch == "?" else ch for ch in sql)
-    convert = {c for c in columns if c in json_columns}
-    if not postgres:
-        # What SQLAlchemy's SQLite DateTime stores (UTC, no offset); sqlite3's own
-        # datetime adapter is deprecated.
-        convert |= {c for c in columns if isinstance(table.c[c].type, DateTime)}
-
-    def value(column_name: str, item: Any) -> Any:
-        if item is None or column_name not in convert:
-            return item
-        if isinstance(item, datetime):
-            return item.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-        return json.dumps(item)
-
-    params = [tuple(value(c, row[c]) for c in columns) for row in rows] if convert else \
-        [tuple(row[c] for c in columns) for row in rows]
-    connection.exec_driver_sql(sql, params)
 
 
 def _json(value: Any) -> Any:

@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from audiences.cohorts.jobs import CohortPullJobs
+from audiences.cohorts.service import CohortImports
 from audiences.consent.store import ConsentStore
 from audiences.delivery import DeliveryEngine
 from audiences.engine import AudienceEngine
 from audiences.outbox import enqueue_conversions
 from audiences.rules import RuleCatalog
+from audiences.writeback import TraitWriteback
 from identity.blocklist import BlocklistEntry
 from identity.events.capture import EventLedger
 from identity.events.models import EventMappingRow
@@ -24,7 +27,9 @@ from identity.identifiers import IdentifierType
 from identity.operations import IdentityOperations
 from identity.policy import IdentityPolicy
 from server.config import IdentitySettings, Settings
+from server.jobs import BuiltinJobs
 from stitchgraph.db import Database, DatabaseOptions
+from stitchgraph.scheduler import Scheduler, parse_schedule
 
 logger = logging.getLogger("stitchgraph.app")
 
@@ -40,26 +45,27 @@ class Application:
     consent: ConsentStore
     audiences: AudienceEngine
     delivery: DeliveryEngine
+    scheduler: Scheduler
+    cohorts: CohortImports
     _stop: threading.Event = field(default_factory=threading.Event)
     _timers: list[threading.Thread] = field(default_factory=list)
 
     def start(self, *, background: bool = True) -> None:
         """Work that needs the migrated store: default event mappings, the registry file;
-        then the audience timers (journal processing, window expiry)."""
+        then the journal timer, the delivery workers and the scheduler (window expiry,
+        reconciliation, cohort pulls and housekeeping are scheduled jobs)."""
         self.events.start()
         if not background:
             return
         if self.settings.delivery.enabled and self.settings.delivery.workers > 0:
             self.delivery.start()
-        audiences = self.settings.audiences
-        for name, interval, job in (("audience-journal", audiences.process_interval_seconds,
-                                     self.audiences.process_changes),
-                                    ("audience-windows", audiences.window_interval_seconds,
-                                     self.audiences.expire_windows)):
-            if interval > 0:
-                thread = threading.Thread(target=self._every, args=(interval, job), name=name, daemon=True)
-                thread.start()
-                self._timers.append(thread)
+        self.scheduler.start()
+        interval = self.settings.audiences.process_interval_seconds
+        if interval > 0:
+            thread = threading.Thread(target=self._every, args=(interval, self.audiences.process_changes),
+                                      name="audience-journal", daemon=True)
+            thread.start()
+            self._timers.append(thread)
 
     def _every(self, interval: float, job: Callable[[], object]) -> None:
         while not self._stop.wait(interval):
@@ -79,6 +85,7 @@ class Application:
         self._stop.set()
         for thread in self._timers:
             thread.join(timeout=30)
+        self.scheduler.close()
         self.delivery.close()
         self.db.dispose()
 
@@ -107,8 +114,16 @@ def build_application(settings: Settings) -> Application:
 
     audiences = AudienceEngine(db, consent, catalog, settings.audiences)
     identity.person_erase_hooks.append(audiences.erase_person)
+    audiences.person_hooks.append(TraitWriteback().refresh)
+    cohorts = CohortImports(db, identity, default_schedule=settings.scheduler.cohort_pull_schedule,
+                            parse_schedule=parse_schedule)
+    delivery = DeliveryEngine(db, consent, settings.delivery)
+    scheduler = Scheduler(db, settings.scheduler, [BuiltinJobs(db, audiences, delivery, settings.scheduler),
+                                                   CohortPullJobs(cohorts)])
+    cohorts.on_change.append(scheduler.refresh)
     return Application(settings=settings, db=db, identity=identity, events=events, consent=consent,
-                       audiences=audiences, delivery=DeliveryEngine(db, consent, settings.delivery))
+                       audiences=audiences, delivery=delivery, scheduler=scheduler, cohorts=cohorts)
+
 
 
 def seed_identity_policy(settings: IdentitySettings) -> IdentityPolicy:

@@ -1,4 +1,4 @@
-"""The ``stitchgraph`` command line: ``serve``, ``migrate``, ``audiences``, ``version``."""
+"""The ``stitchgraph`` command line: ``serve``, ``migrate``, ``audiences``, ``jobs``, ``version``."""
 
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"  a call:     grpcurl -plaintext {address} stitchgraph.v1.SystemService/GetSystemInfo\n"
         + (f"  metrics:    http://{settings.metrics_address.rpartition(':')[0]}:{handle.metrics_port}/metrics\n"
            if settings.metrics_address else "")
+        + (f"  webhooks:   http://{handle.http.address}/webhooks/{{rudderstack,segment}}/<environment>, "
+           f"/webhooks/heap/<cohort_source_id>\n" if handle.http is not None else "")
         + ("  auth:       send 'authorization: Bearer <token>' metadata\n" if settings.auth_enabled
            else "  auth:       off (no tokens configured; loopback only)\n")
         + "Stop with Ctrl-C.",
@@ -83,6 +85,12 @@ def cmd_audiences(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from server.jobs_cli import run
+
+    return run(args)
+
+
 def cmd_version(_args: argparse.Namespace) -> int:
     print(f"stitchgraph {__version__} (API {API_VERSION})")
     return 0
@@ -105,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     description="Audience rules as code: one TOML file per audience.")
     add_audiences_arguments(audiences)
     audiences.set_defaults(func=cmd_audiences)
+    from server.jobs_cli import add_arguments as add_jobs_arguments
+
+    jobs = commands.add_parser("jobs", help="list the scheduled jobs of a running server, or run one now",
+                               description="Scheduled jobs: cohort pulls, audience evaluation and reconciliation, "
+                                           "maintenance.")
+    add_jobs_arguments(jobs)
+    jobs.set_defaults(func=cmd_jobs)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
     return parser

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -23,6 +25,7 @@ from audiences.consent.settings import ConsentSettings
 from audiences.delivery import DeliverySettings
 from audiences.engine import AudienceSettings
 from identity.events.capture import EventSettings
+from stitchgraph.scheduler import SchedulerSettings
 
 SCOPES = frozenset({"ingest", "read", "admin"})
 
@@ -66,6 +69,42 @@ class IdentitySettings:
     extra_blocklist: tuple[Mapping[str, Any], ...] = ()
 
 
+_WEBHOOK_ENVIRONMENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class WebhookEnvironment:
+    """A webhook environment (``[webhooks.environments.<name>]``): senders posting to
+    ``/webhooks/{rudderstack|segment}/<name>`` prove themselves with the secret behind
+    ``secret_ref`` (``env:NAME`` or ``file:/path``, resolved when the listener starts; the
+    secret itself is never kept in settings). ``source`` labels the events; empty means the
+    sender kind (``rudderstack`` or ``segment``), as for ``CaptureSourcePayloads``."""
+
+    name: str
+    secret_ref: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """The HTTP listener for webhook ingress (``[webhooks]``)."""
+
+    #: ``host:port`` of the HTTP listener; empty: no listener. Port 0 picks a free port.
+    listen: str = ""
+    #: Larger request bodies are refused with 413 before they are read.
+    max_body_bytes: int = 4 * 1024 * 1024
+    #: Heap-Hash timestamps older than this are refused (replay window).
+    heap_max_age_seconds: float = 60.0
+    #: Heap-Hash timestamps further ahead than this are refused (tolerated clock skew).
+    heap_max_future_seconds: float = 5.0
+    #: Requests handled at once; more get 503 with Retry-After.
+    max_concurrent_requests: int = 64
+    environments: tuple[WebhookEnvironment, ...] = ()
+
+    def environment(self, name: str) -> WebhookEnvironment | None:
+        return next((e for e in self.environments if e.name == name), None)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to start."""
@@ -92,6 +131,8 @@ class Settings:
     consent: ConsentSettings = field(default_factory=ConsentSettings)
     audiences: AudienceSettings = field(default_factory=AudienceSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @property
     def auth_enabled(self) -> bool:
@@ -148,7 +189,39 @@ class Settings:
         names = [t.name for t in self.tokens]
         if len(names) != len(set(names)):
             raise ConfigError("auth.tokens: token names must be unique")
+        self._validate_webhooks()
+        try:
+            self.scheduler.validate()
+        except ValueError as exc:
+            raise ConfigError(f"scheduler: {exc}") from exc
         return self
+
+    def _validate_webhooks(self) -> None:
+        webhooks = self.webhooks
+        if webhooks.listen:
+            host, _port = split_address(webhooks.listen, "webhooks.listen")
+            # Like the gRPC rule: beyond loopback only once the deployment has auth configured
+            # (webhook secrets, or the tokens that guard the API where Heap webhook secrets are set).
+            if not (webhooks.environments or self.auth_enabled) and not is_loopback_host(host):
+                raise ConfigError(
+                    f"webhooks.listen: {webhooks.listen!r} is not a loopback address and no webhook environment "
+                    "secrets or auth tokens are configured; configure [webhooks.environments.<name>] secret_ref "
+                    "(or STITCHGRAPH_WEBHOOKS_ENVIRONMENTS) before listening beyond this machine")
+        for key in ("max_body_bytes", "heap_max_age_seconds", "max_concurrent_requests"):
+            if getattr(webhooks, key) <= 0:
+                raise ConfigError(f"webhooks.{key} must be positive")
+        if webhooks.heap_max_future_seconds < 0:
+            raise ConfigError("webhooks.heap_max_future_seconds must not be negative")
+        seen: set[str] = set()
+        for environment in webhooks.environments:
+            where = f"webhooks.environments.{environment.name[:64]}"
+            if not _WEBHOOK_ENVIRONMENT_NAME.match(environment.name):
+                raise ConfigError(f"{where}: the name must be 1 to 64 characters of [A-Za-z0-9_-]")
+            if environment.name in seen:
+                raise ConfigError(f"{where}: defined twice")
+            seen.add(environment.name)
+            if not environment.secret_ref.startswith(("env:", "file:")) or len(environment.secret_ref) <= 5:
+                raise ConfigError(f"{where}.secret_ref: must be 'env:NAME' or 'file:/path'")
 
 
 def split_address(address: str, key: str) -> tuple[str, int]:
@@ -242,7 +315,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
 }
 
 _TOP_LEVEL_KEYS = {f.name for f in fields(Settings)} - {"tokens", "identity", "events", "consent", "audiences",
-                                                        "delivery"}
+                                                        "delivery", "webhooks", "scheduler"}
 
 # STITCHGRAPH_EVENTS_* variables: env name -> (EventSettings field, parser).
 _EVENTS_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -251,6 +324,56 @@ _EVENTS_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "STITCHGRAPH_EVENTS_MAX_FUTURE_SKEW_SECONDS": ("max_future_skew_seconds", int),
     "STITCHGRAPH_EVENTS_REGISTRY_FILE": ("registry_file", _optional),
 }
+
+
+def parse_env_webhook_environments(value: str) -> tuple[WebhookEnvironment, ...]:
+    """Parse ``STITCHGRAPH_WEBHOOKS_ENVIRONMENTS``: ``name=secret_ref`` entries separated by ``;``,
+    for example ``prod=env:RS_PROD_SECRET;staging=file:/run/secrets/rs_staging``."""
+    environments = []
+    for i, raw in enumerate(filter(None, (part.strip() for part in value.split(";")))):
+        name, sep, ref = raw.partition("=")
+        if not sep or not name.strip() or not ref.strip():
+            raise ValueError(f"entry {i}: expected name=env:VARIABLE or name=file:/path")
+        environments.append(WebhookEnvironment(name=name.strip(), secret_ref=ref.strip()))
+    return tuple(environments)
+
+
+# STITCHGRAPH_WEBHOOKS_* variables: env name -> (WebhookSettings field, parser).
+_WEBHOOKS_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "STITCHGRAPH_WEBHOOKS_LISTEN": ("listen", str),
+    "STITCHGRAPH_WEBHOOKS_MAX_BODY_BYTES": ("max_body_bytes", int),
+    "STITCHGRAPH_WEBHOOKS_HEAP_MAX_AGE_SECONDS": ("heap_max_age_seconds", float),
+    "STITCHGRAPH_WEBHOOKS_HEAP_MAX_FUTURE_SECONDS": ("heap_max_future_seconds", float),
+    "STITCHGRAPH_WEBHOOKS_MAX_CONCURRENT_REQUESTS": ("max_concurrent_requests", int),
+    "STITCHGRAPH_WEBHOOKS_ENVIRONMENTS": ("environments", parse_env_webhook_environments),
+}
+
+
+def _webhooks_from_toml(table: Mapping[str, Any]) -> WebhookSettings:
+    known = {f.name for f in fields(WebhookSettings)}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"webhooks: unknown keys {sorted(unknown)}")
+    values = dict(table)
+    environments = values.pop("environments", {})
+    if not isinstance(environments, dict):
+        raise ConfigError("webhooks.environments: a table of [webhooks.environments.<name>] tables")
+    parsed = []
+    for name, entry in environments.items():
+        where = f"webhooks.environments.{name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: a table with secret_ref (and optionally source)")
+        extra = set(entry) - {"secret_ref", "source"}
+        if extra:
+            raise ConfigError(f"{where}: unknown keys {sorted(extra)}")
+        if not isinstance(entry.get("secret_ref"), str):
+            raise ConfigError(f"{where}.secret_ref: required, 'env:NAME' or 'file:/path'")
+        parsed.append(WebhookEnvironment(name=str(name), secret_ref=entry["secret_ref"],
+                                         source=str(entry.get("source", ""))))
+    try:
+        return replace(WebhookSettings(), **values, environments=tuple(parsed))
+    except TypeError as exc:
+        raise ConfigError(f"webhooks: {exc}") from exc
 
 
 def _events_from_toml(table: Mapping[str, Any]) -> EventSettings:
@@ -277,6 +400,20 @@ def _section_from_toml(name: str, cls: type[Any], table: Mapping[str, Any]) -> A
         return cls(**table)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: {exc}") from exc
+
+
+def _carry_window_interval(data: dict[str, Any]) -> None:
+    """``[audiences] window_interval_seconds`` predates the scheduler: when set and
+    ``[scheduler] audience_evaluation_schedule`` is not, it becomes that schedule
+    (``every <n>s``; 0 = only by hand)."""
+    audiences = data.get("audiences") or {}
+    scheduler = data.get("scheduler") or {}
+    if "window_interval_seconds" not in audiences or "audience_evaluation_schedule" in scheduler:
+        return
+    seconds = audiences["window_interval_seconds"]
+    if not isinstance(seconds, int | float) or seconds < 0:
+        raise ConfigError("audiences.window_interval_seconds: must be a non-negative number")
+    data["scheduler"] = {**scheduler, "audience_evaluation_schedule": f"every {math.ceil(seconds)}s" if seconds else ""}
 
 
 def _identity_from_toml(table: Mapping[str, Any]) -> IdentitySettings:
@@ -330,8 +467,12 @@ def load_settings(
         auth_table = data.pop("auth", {})
         identity_table = data.pop("identity", None)
         events_table = data.pop("events", None)
+        webhooks_table = data.pop("webhooks", None)
+        if webhooks_table is not None:
+            values["webhooks"] = _webhooks_from_toml(webhooks_table)
+        _carry_window_interval(data)
         for section, cls in (("consent", ConsentSettings), ("audiences", AudienceSettings),
-                             ("delivery", DeliverySettings)):
+                             ("delivery", DeliverySettings), ("scheduler", SchedulerSettings)):
             section_table = data.pop(section, None)
             if section_table is not None:
                 values[section] = _section_from_toml(section, cls, section_table)
@@ -363,6 +504,15 @@ def load_settings(
                 raise ConfigError(f"{name}: {exc}") from exc
     if events_env:
         values["events"] = replace(values.get("events", EventSettings()), **events_env)
+    webhooks_env = {}
+    for name, (key, parse) in _WEBHOOKS_ENV.items():
+        if name in env:
+            try:
+                webhooks_env[key] = parse(env[name])
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from exc
+    if webhooks_env:
+        values["webhooks"] = replace(values.get("webhooks", WebhookSettings()), **webhooks_env)
     if env.get("STITCHGRAPH_AUTH_TOKENS"):
         values["tokens"] = parse_env_tokens(env["STITCHGRAPH_AUTH_TOKENS"])
     values.update({k: v for k, v in overrides.items() if v is not None})

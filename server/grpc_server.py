@@ -23,6 +23,7 @@ from prometheus_client import start_http_server
 from server.api import SERVICES, method_scopes
 from server.app import Application, build_application
 from server.config import ConfigError, Settings, split_address
+from server.http_ingress import WebhookListener, create_webhook_listener
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.base import LayeredInterceptor
 from server.interceptors.context import RequestContextInterceptor
@@ -54,6 +55,8 @@ class StitchgraphServer:
     health: health.HealthServicer
     service_names: tuple[str, ...]
     metrics_port: int | None = None
+    #: The webhook HTTP listener, when ``[webhooks] listen`` is set.
+    http: WebhookListener | None = None
     _metrics_httpd: Any = field(default=None, repr=False)
     _stopped: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -78,6 +81,9 @@ class StitchgraphServer:
         if serving:
             self.app.start()
         self.server.start()
+        if self.http is not None:
+            self.http.start(serving=serving)
+            logger.info("webhook listener on %s", self.http.address)
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         if not serving:
             logger.error("the store is not at the current schema; run 'stitchgraph migrate'")
@@ -91,7 +97,11 @@ class StitchgraphServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         grace = self.app.settings.shutdown_grace_seconds if grace is None else grace
+        if self.http is not None:
+            self.http.set_serving(False)  # new webhooks get 503 and are retried by their senders
         self.server.stop(grace).wait()
+        if self.http is not None:
+            self.http.stop(grace)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()
@@ -99,6 +109,11 @@ class StitchgraphServer:
 
     def wait_for_termination(self) -> None:
         self.server.wait_for_termination()
+
+    @property
+    def http_port(self) -> int | None:
+        """The port the webhook listener bound, or ``None`` without one."""
+        return self.http.port if self.http is not None else None
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials:
@@ -152,5 +167,11 @@ def create_server(
     if port == 0:
         app.close()
         raise ConfigError(f"listen_address: cannot bind {bind}")
+    try:
+        http = create_webhook_listener(app)
+    except ConfigError:
+        server.stop(None)
+        app.close()
+        raise
     return StitchgraphServer(server=server, port=port, app=app, health=health_servicer,
-                             service_names=service_names)
+                             service_names=service_names, http=http)

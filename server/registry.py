@@ -8,6 +8,7 @@ from server.api import SERVICES, ServiceSpec, feature_of
 from server.app import Application
 from server.servicers.audiences import AudienceServicer
 from server.servicers.base import complete_servicer, implemented_methods
+from server.servicers.cohorts import CohortServicer
 from server.servicers.consent import ConsentServicer
 from server.servicers.destinations import DestinationServicer
 from server.servicers.events import EventServicer
@@ -22,6 +23,7 @@ SERVICER_CLASSES: dict[str, Callable[[Application], object]] = {
     "DestinationService": DestinationServicer,
     "ConsentService": ConsentServicer,
     "AudienceService": AudienceServicer,
+    "CohortService": CohortServicer,
 }
 
 

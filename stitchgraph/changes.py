@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from sqlalchemy import BigInteger, String
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from stitchgraph.db import Base, insert_ignoring_conflicts
+from stitchgraph.db import Base, bulk_insert
 
 #: Reasons a person is marked.
 EVIDENCE = "EVIDENCE"  # events or traits
@@ -45,5 +45,5 @@ def mark_persons(session: Session, person_pks: Iterable[int], reason: str, event
     """Journal ``person_pks`` as changed for ``reason`` (in the caller's transaction)."""
     rows = [{"person_pk": pk, "reason": reason, "event_id": (event_ids or {}).get(pk, "")}
             for pk in sorted(set(person_pks))]
-    for start in range(0, len(rows), 2000):
-        insert_ignoring_conflicts(session, _TABLE, rows[start:start + 2000])
+    for start in range(0, len(rows), 50_000):
+        bulk_insert(session, _TABLE, rows[start:start + 50_000], ignore_conflicts=True)

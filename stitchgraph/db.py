@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +169,71 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def driver_executemany(session: Session, table: Any, sql: str, columns: Sequence[str],
+                        rows: Sequence[dict[str, Any]]) -> None:
+    """Run ``sql`` (with ``?`` markers, one per column) once per row through the DBAPI's
+    executemany. The hot path writes thousands of rows per batch; SQLAlchemy's
+    per-parameter processing would cost more than the database does. JSON columns are
+    serialised here (and cast on PostgreSQL, where a text parameter is not json)."""
+    if not rows:
+        return
+    from datetime import UTC, datetime
+
+    from sqlalchemy import JSON, DateTime
+
+    connection = session.connection()
+    postgres = connection.dialect.name == "postgresql"
+    json_columns = {c.name for c in table.columns if isinstance(c.type, JSON)}
+    if postgres:
+        markers = iter(["%s::json" if c in json_columns else "%s" for c in columns])
+        sql = "".join(next(markers) if ch == "?" else ch for ch in sql)
+    convert = {c for c in columns if c in json_columns}
+    if not postgres:
+        # What SQLAlchemy's SQLite DateTime stores (UTC, no offset); sqlite3's own
+        # datetime adapter is deprecated.
+        convert |= {c for c in columns if isinstance(table.c[c].type, DateTime)}
+
+    def value(item: Any) -> Any:
+        if type(item) is bool:  # the most common JSON value of bulk writes (trait flags)
+            return "true" if item else "false"
+        if isinstance(item, datetime):
+            return item.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        return json.dumps(item)
+
+    positions = [i for i, c in enumerate(columns) if c in convert]
+    params: list[Any] = [tuple(row[c] for c in columns) for row in rows]
+    if positions:
+        converted = []
+        for values in params:
+            listed = list(values)
+            for i in positions:
+                if listed[i] is not None:
+                    listed[i] = value(listed[i])
+            converted.append(tuple(listed))
+        params = converted
+    connection.exec_driver_sql(sql, params)
+
+
+def bulk_insert(session: Session, table: Any, rows: Sequence[dict[str, Any]], *, ignore_conflicts: bool = False
+                ) -> None:
+    """INSERT ``rows`` (all with the keys of the first) through the driver's executemany; with
+    ``ignore_conflicts``, rows whose key exists are skipped. For bulk writes of many
+    thousands of rows, where SQLAlchemy's per-parameter processing costs more than the
+    database does."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    verb = "INSERT"
+    tail = ""
+    if ignore_conflicts:
+        if session.get_bind().dialect.name == "postgresql":
+            tail = " ON CONFLICT DO NOTHING"
+        else:
+            verb = "INSERT OR IGNORE"
+    sql = f"{verb} INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}){tail}"
+    driver_executemany(session, table, sql, columns, rows)
 
 
 def insert_ignoring_conflicts(session: Session, table: Any, rows: dict[str, Any] | list[dict[str, Any]]) -> None:

@@ -150,6 +150,37 @@ def run_idempotent(
     raise Aborted("concurrent requests with the same request_id kept conflicting; retry", reason="REQUEST_ID_RACE")
 
 
+def replay_or_none(db: Database, method: str, request: Message, response_type: type[ResponseT]) -> ResponseT | None:
+    """The stored response of an earlier call with ``request.request_id``, else ``None``
+    (for operations that commit their own transactions and so cannot run inside
+    :func:`run_idempotent`; pair with :func:`remember`). Raises like :func:`run_idempotent`
+    for a malformed or reused request ID."""
+    request_id: str = getattr(request, "request_id", "")
+    if not request_id:
+        return None
+    validate_request_id(request_id)
+    with db.read() as session:
+        stored = session.get(IdempotencyRecord, (method, request_id))
+        return None if stored is None else _replay(stored, request_fingerprint(request), response_type)
+
+
+def remember(db: Database, method: str, request: Message, response: Message) -> None:
+    """Record ``response`` for ``request.request_id`` after the operation committed (a
+    concurrent first recording wins)."""
+    request_id: str = getattr(request, "request_id", "")
+    if not request_id:
+        return
+    try:
+        with db.transaction() as session:
+            if session.get(IdempotencyRecord, (method, request_id)) is None:
+                session.add(IdempotencyRecord(method=method, request_id=request_id,
+                                              fingerprint=request_fingerprint(request),
+                                              response=response.SerializeToString(deterministic=True),
+                                              created_at=datetime.now(UTC)))
+    except IntegrityError:
+        pass
+
+
 def _replay(stored: IdempotencyRecord, fingerprint: str, response_type: type[ResponseT]) -> ResponseT:
     if stored.forgotten:
         raise FailedPrecondition("this request concerned a person who has since been erased; its result is gone",

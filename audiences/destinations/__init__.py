@@ -389,6 +389,12 @@ def _settings_problems(config: DestinationConfig, spec: KindSpec | None) -> list
                                            "NOT_SUPPORTED"))
         elif not isinstance(config.settings[key], bool):
             problems.append(FieldViolation(f"settings.{key}", "must be true or false", "INVALID_VALUE"))
+    if spec.traits and "traits" in config.settings:
+        from audiences.writeback import trait_keys_problem  # the write-back module imports this one
+
+        problem = trait_keys_problem(config.settings["traits"])
+        if problem:
+            problems.append(FieldViolation("settings.traits", problem, "INVALID_VALUE"))
     return problems
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "PersonKeys",
     "RecordOutcome",
     "ReplaceSession",
+    "TraitUpdate",
     "call",
     "excerpt",
     "parse_retry_after",
@@ -130,6 +131,23 @@ class AudienceChange:
 
     delivery_id: int
     keys: PersonKeys
+
+
+@dataclass(frozen=True, slots=True)
+class TraitUpdate:
+    """Changed computed traits of one person for an analytics tool (trait write-back).
+
+    ``identity`` is the ID the tool knows the person by: a PostHog ``distinct_id`` or a Heap
+    ``identity``. ``values`` maps trait keys to their new value (``str``, ``int``, ``float``
+    or ``bool``; the adapter converts to what the tool accepts); ``unset`` lists keys that no
+    longer have a value. ``occurred_us`` is when the values changed (microseconds, UTC).
+    """
+
+    delivery_id: int
+    identity: str
+    values: Mapping[str, Any]
+    unset: tuple[str, ...] = ()
+    occurred_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +245,11 @@ class Adapter(Protocol):
                       records: Sequence[AudienceChange], session: ReplaceSession | None = None) -> BatchResult:
         """Add (``action="add"``) or remove (``"remove"``) ``records`` in one request;
         with ``session``, add them as one batch of a full replacement."""
+        ...
+
+    def send_traits(self, client: httpx.Client, destination: DestinationContext,
+                    records: Sequence[TraitUpdate]) -> BatchResult:
+        """Write ``records`` (at most ``batch_limit``) in one request (trait kinds only)."""
         ...
 
 
@@ -347,8 +370,8 @@ def excerpt(reply: HttpReply, secrets: Sequence[str] = ()) -> str:
     return redact(reply.text[:EXCERPT_LIMIT * 2], secrets)[:EXCERPT_LIMIT]
 
 
-def whole_batch(records: Sequence[Conversion] | Sequence[AudienceChange], outcome: RecordOutcome,
-                reply: HttpReply, secrets: Sequence[str] = ()) -> BatchResult:
+def whole_batch(records: Sequence[Conversion] | Sequence[AudienceChange] | Sequence[TraitUpdate],
+                outcome: RecordOutcome, reply: HttpReply, secrets: Sequence[str] = ()) -> BatchResult:
     """A result giving every record the same ``outcome``."""
     return BatchResult({r.delivery_id: outcome for r in records}, http_status=reply.status,
                        latency_seconds=reply.latency_seconds, response_excerpt=excerpt(reply, secrets),

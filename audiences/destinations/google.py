@@ -88,6 +88,7 @@ from audiences.destinations.base import (
     HttpReply,
     RecordOutcome,
     ReplaceSession,
+    TraitUpdate,
     call,
     excerpt,
     redact,
@@ -572,7 +573,8 @@ def _send_rows(client: httpx.Client, destination: DestinationContext, creds: _Cr
     return _finish(outcomes, row_ids, exchange, lambda _: refusal.outcome, refusal.retry_after)
 
 
-def _everyone(records: Sequence[Conversion] | Sequence[AudienceChange], outcome: RecordOutcome) -> BatchResult:
+def _everyone(records: Sequence[Conversion] | Sequence[AudienceChange] | Sequence[TraitUpdate],
+              outcome: RecordOutcome) -> BatchResult:
     """Every record gets ``outcome`` and nothing is sent."""
     return BatchResult({r.delivery_id: outcome for r in records}, requests=0)
 
@@ -762,6 +764,11 @@ class GoogleAdsConversionsAdapter:
         return _everyone(records, RecordOutcome(PERMANENT, "", f"{self.kind} sends conversions, not audiences",
                                                 "NOT_SUPPORTED"))
 
+    def send_traits(self, client: httpx.Client, destination: DestinationContext,
+                    records: Sequence[TraitUpdate]) -> BatchResult:
+        return _everyone(records, RecordOutcome(PERMANENT, "", f"{self.kind} sends conversions, not traits",
+                                                "NOT_SUPPORTED"))
+
     def _row(self, record: Conversion, settings: Mapping[str, Any], enhancements: bool,
              oldest_us: int) -> dict[str, Any] | RecordOutcome:
         """The click conversion or adjustment for ``record``, or why it cannot be sent."""
@@ -846,6 +853,11 @@ class GoogleDataManagerAudienceAdapter:
     def send_conversions(self, client: httpx.Client, destination: DestinationContext,
                          records: Sequence[Conversion]) -> BatchResult:
         return _everyone(records, RecordOutcome(PERMANENT, "", f"{self.kind} sends audiences, not conversions",
+                                                "NOT_SUPPORTED"))
+
+    def send_traits(self, client: httpx.Client, destination: DestinationContext,
+                    records: Sequence[TraitUpdate]) -> BatchResult:
+        return _everyone(records, RecordOutcome(PERMANENT, "", f"{self.kind} sends audiences, not traits",
                                                 "NOT_SUPPORTED"))
 
     def send_audience(self, client: httpx.Client, destination: DestinationContext, action: str,

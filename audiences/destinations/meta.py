@@ -52,6 +52,7 @@ from audiences.destinations.base import (
     PersonKeys,
     RecordOutcome,
     ReplaceSession,
+    TraitUpdate,
     call,
     excerpt,
     redact,
@@ -236,7 +237,8 @@ def _result(outcomes: dict[int, RecordOutcome], outcome: RecordOutcome, reply: H
                        response_excerpt=excerpt(reply, secrets), retry_after_seconds=wait)
 
 
-def _unsent(records: Sequence[Conversion] | Sequence[AudienceChange], outcome: RecordOutcome) -> BatchResult:
+def _unsent(records: Sequence[Conversion] | Sequence[AudienceChange] | Sequence[TraitUpdate],
+            outcome: RecordOutcome) -> BatchResult:
     return BatchResult({r.delivery_id: outcome for r in records}, requests=0)
 
 
@@ -330,6 +332,11 @@ class MetaConversionsAdapter:
     def send_audience(self, client: httpx.Client, destination: DestinationContext, action: str,
                       records: Sequence[AudienceChange], session: ReplaceSession | None = None) -> BatchResult:
         raise TypeError("META_CONVERSIONS sends conversions, not audience changes")
+
+    def send_traits(self, client: httpx.Client, destination: DestinationContext,
+                    records: Sequence[TraitUpdate]) -> BatchResult:
+        return _unsent(records, RecordOutcome(PERMANENT, "", f"{self.kind} sends conversions, not traits",
+                                              "NOT_SUPPORTED"))
 
     # -- one record ------------------------------------------------------------------------
 
@@ -556,6 +563,11 @@ class MetaCustomAudienceAdapter:
         outcome = graph_failure(reply, graph.secrets) or _rows_received(reply, len(rows))
         outcomes.update({r.delivery_id: outcome for r in sent})
         return _result(outcomes, outcome, reply, graph.secrets)
+
+    def send_traits(self, client: httpx.Client, destination: DestinationContext,
+                    records: Sequence[TraitUpdate]) -> BatchResult:
+        return _unsent(records, RecordOutcome(PERMANENT, "", f"{self.kind} holds audience members, not traits",
+                                              "NOT_SUPPORTED"))
 
 
 def audience_row(keys: PersonKeys) -> list[str] | None:

@@ -9,7 +9,7 @@ from audiences.destinations.base import Adapter
 
 __all__ = ["adapter_for", "has_adapter"]
 
-#: kind → (module, class). Trait write-back kinds (PostHog, Heap) arrive with the cohort issue.
+#: kind → (module, class).
 _ADAPTERS: dict[str, tuple[str, str]] = {
     "META_CONVERSIONS": ("audiences.destinations.meta", "MetaConversionsAdapter"),
     "META_CUSTOM_AUDIENCE": ("audiences.destinations.meta", "MetaCustomAudienceAdapter"),
@@ -17,6 +17,8 @@ _ADAPTERS: dict[str, tuple[str, str]] = {
     "GOOGLE_DATA_MANAGER_AUDIENCE": ("audiences.destinations.google", "GoogleDataManagerAudienceAdapter"),
     "TIKTOK_EVENTS": ("audiences.destinations.tiktok", "TikTokEventsAdapter"),
     "TIKTOK_AUDIENCE": ("audiences.destinations.tiktok", "TikTokAudienceAdapter"),
+    "POSTHOG_TRAITS": ("audiences.destinations.posthog", "PostHogTraitsAdapter"),
+    "HEAP_TRAITS": ("audiences.destinations.heap", "HeapTraitsAdapter"),
 }
 _loaded: dict[str, Adapter] = {}
 _lock = threading.Lock()

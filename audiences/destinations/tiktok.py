@@ -56,6 +56,7 @@ from audiences.destinations.base import (
     HttpReply,
     RecordOutcome,
     ReplaceSession,
+    TraitUpdate,
     call,
     excerpt,
     redact,
@@ -199,7 +200,8 @@ def _unsent(outcomes: dict[int, RecordOutcome]) -> BatchResult:
     return BatchResult(outcomes, requests=0)
 
 
-def _unsupported(records: Sequence[Conversion] | Sequence[AudienceChange], why: str) -> BatchResult:
+def _unsupported(records: Sequence[Conversion] | Sequence[AudienceChange] | Sequence[TraitUpdate],
+                 why: str) -> BatchResult:
     """Every record PERMANENT without a request: the worker asked the wrong kind."""
     return _unsent({r.delivery_id: RecordOutcome(PERMANENT, "", why, "NOT_SUPPORTED") for r in records})
 
@@ -313,6 +315,10 @@ class TikTokEventsAdapter:
     def send_audience(self, client: httpx.Client, destination: DestinationContext, action: str,
                       records: Sequence[AudienceChange], session: ReplaceSession | None = None) -> BatchResult:
         return _unsupported(records, "TIKTOK_EVENTS sends conversions; audiences go to TIKTOK_AUDIENCE")
+
+    def send_traits(self, client: httpx.Client, destination: DestinationContext,
+                    records: Sequence[TraitUpdate]) -> BatchResult:
+        return _unsupported(records, "TIKTOK_EVENTS sends conversions, not traits")
 
     # -- building -------------------------------------------------------------------------
 
@@ -444,6 +450,10 @@ class TikTokAudienceAdapter:
     def send_conversions(self, client: httpx.Client, destination: DestinationContext,
                          records: Sequence[Conversion]) -> BatchResult:
         return _unsupported(records, "TIKTOK_AUDIENCE holds audience membership; conversions go to TIKTOK_EVENTS")
+
+    def send_traits(self, client: httpx.Client, destination: DestinationContext,
+                    records: Sequence[TraitUpdate]) -> BatchResult:
+        return _unsupported(records, "TIKTOK_AUDIENCE holds audience membership, not traits")
 
     def send_audience(self, client: httpx.Client, destination: DestinationContext, action: str,
                       records: Sequence[AudienceChange], session: ReplaceSession | None = None) -> BatchResult:

@@ -42,7 +42,7 @@ from identity.models import IdentifierRow, PersonRow
 from identity.operations import MAX_IDENTIFIERS_PER_CALL, IdentityOperations
 from identity.policy import CompiledPolicy
 from identity.sightings import Ignored, Sighting, prepare_identifiers, to_micros
-from stitchgraph.db import Database, insert_ignoring_conflicts
+from stitchgraph.db import Database, bulk_insert, in_values
 from stitchgraph.errors import FieldViolation, InvalidArgument
 
 ACCEPTED = "ACCEPTED"
@@ -210,7 +210,7 @@ class EventLedger:
         if violations:
             raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations=violations)
         if evidence:
-            _record_traits(session, evidence)
+            record_trait_evidence(session, evidence)
 
     # -- capture ----------------------------------------------------------------------------
 
@@ -314,7 +314,7 @@ class EventLedger:
                 results.append(CaptureResult(p.index, ACCEPTED, receipt, event_id=p.event_id))
             session.execute(insert(_EVENTS), rows)
             if evidence:
-                _record_traits(session, evidence)
+                record_trait_evidence(session, evidence)
             if totals:
                 _add_totals(session, totals)
             if signals:
@@ -764,28 +764,43 @@ def _stored_receipts(session: Session, event_ids: Sequence[str]) -> dict[str, Re
     return receipts
 
 
-def _record_traits(session: Session, evidence: list[dict[str, Any]]) -> None:
+def record_trait_evidence(session: Session, evidence: list[dict[str, Any]]) -> None:
     """Store trait evidence (a repeat of the same assertion is ignored) and fold it into
-    the per-identifier trait state (folding is idempotent, so a repeat changes nothing)."""
-    insert_ignoring_conflicts(session, _EVIDENCE, evidence)
+    the per-identifier trait state (folding is idempotent, so a repeat changes nothing).
+
+    Each item has ``identifier_pk, key, op, value, occurred_us, event_id, source``. Only
+    the states of the keys named are read, in chunks of one bound parameter, so a bulk
+    write of one key (a cohort snapshot) reads no more than it writes."""
+    if not evidence:
+        return
+    bulk_insert(session, _EVIDENCE, evidence, ignore_conflicts=True)
     wanted = {(e["identifier_pk"], e["key"]) for e in evidence}
+    keys = sorted({key for _, key in wanted})
     pks = sorted({pk for pk, _ in wanted})
     states: dict[tuple[int, str], trait_rules.TraitState] = {}
-    for start in range(0, len(pks), _CHUNK):
-        for row in session.execute(select(_STATES).where(_STATES.c.identifier_pk.in_(pks[start:start + _CHUNK]))):
+    chunk = 50_000
+    for start in range(0, len(pks), chunk):
+        query = select(_STATES).where(in_values(session, _STATES.c.identifier_pk, pks[start:start + chunk]))
+        if len(keys) <= 16:
+            query = query.where(_STATES.c.key.in_(keys))
+        for row in session.execute(query):
             if (row.identifier_pk, row.key) in wanted:
                 states[(row.identifier_pk, row.key)] = _state_of(row)
     existing = set(states)
     before = dict(states)
     for e in evidence:
         slot = (e["identifier_pk"], e["key"])
-        states[slot] = trait_rules.apply(states.get(slot), trait_rules.Evidence(
+        current = states.get(slot)
+        if current is None and e["op"] != trait_rules.SET_ONCE:  # the common first assertion, built directly
+            states[slot] = trait_rules.TraitState(e["occurred_us"], e["event_id"], e["op"] == trait_rules.UNSET,
+                                                  None if e["op"] == trait_rules.UNSET else e["value"], e["source"])
+            continue
+        states[slot] = trait_rules.apply(current, trait_rules.Evidence(
             e["op"], e["key"], e["value"], e["occurred_us"], e["event_id"], e["source"]))
     inserts = [_state_row(slot, state) for slot, state in states.items() if slot not in existing]
     updates = [_state_row(slot, state) | {"b_pk": slot[0], "b_key": slot[1]} for slot, state in states.items()
                if slot in existing and state != before[slot]]
-    if inserts:
-        session.execute(insert(_STATES), inserts)
+    bulk_insert(session, _STATES, inserts)
     if updates:
         session.execute(update(_STATES).where(_STATES.c.identifier_pk == bindparam("b_pk"),
                                               _STATES.c.key == bindparam("b_key")), updates)

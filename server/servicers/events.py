@@ -4,7 +4,8 @@ call the :class:`~identity.events.capture.EventLedger`, translate results back."
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -32,7 +33,6 @@ from stitchgraph.errors import Aborted, FieldViolation, InvalidArgument, NotFoun
 from stitchgraph.idempotency import run_idempotent
 from stitchgraph.v1 import (
     common_pb2,
-    consent_pb2,
     event_service_pb2,
     event_service_pb2_grpc,
     events_pb2,
@@ -130,13 +130,76 @@ def _canonical_payload(payload: str, source: str) -> tuple[list[FieldViolation],
     return [], messages
 
 
-def _merge_request_consent(messages: list[IncomingEvent], consent: consent_pb2.ConsentSignals) -> None:
-    signals = json_format.MessageToDict(consent, preserving_proto_field_name=True)
+def _merge_request_consent(messages: list[IncomingEvent], signals: Mapping[str, Any]) -> None:
     if not signals:
         return
     for message in messages:
         for key, value in signals.items():
             message.consent.setdefault(key, value)
+
+
+def check_batch_size(count: int, field: str, limit: int) -> None:
+    """Raise :class:`InvalidArgument` unless ``count`` events fit one capture call of at most ``limit``."""
+    if count == 0:
+        raise InvalidArgument.for_field(field, "at least one event is required", reason="EMPTY_BATCH")
+    if count > limit:
+        raise InvalidArgument.for_field(field, f"at most {limit} events per call (got {count}); split the batch",
+                                        reason="BATCH_TOO_LARGE")
+
+
+# -- capture shared by the gRPC servicer and the webhook listener --------------------------------
+
+@dataclass
+class PayloadCapture:
+    """What became of one source payload: its payload-level violations (then nothing of it was
+    captured) or one capture result per message, in order."""
+
+    violations: list[FieldViolation]
+    results: list[CaptureResult]
+
+
+def capture_messages(app: Application, messages: list[IncomingEvent], validate_only: bool) -> list[CaptureResult]:
+    """Capture ``messages`` through the ledger, count them by status and source, then bring
+    derived state up to date (unless ``validate_only``)."""
+    results = app.events.capture(messages, validate_only=validate_only)
+    if not validate_only:
+        for message, result in zip(messages, results, strict=True):
+            EVENTS_CAPTURED.labels(result.status, message.source).inc()
+        app.after_write()
+    return results
+
+
+def capture_source_payloads(app: Application, kind: str, payloads: Sequence[str], *, source: str = "",
+                            request_consent: Mapping[str, Any] | None = None, validate_only: bool = False,
+                            batch_field: str = "json_payloads") -> list[PayloadCapture]:
+    """Parse ``payloads`` sent by a source of ``kind`` (``posthog``, ``segment``, ``rudderstack``,
+    ``heap`` or ``canonical``) and capture the messages of every valid payload in one call.
+
+    This is the one path from a source payload to stored events: ``CaptureSourcePayloads`` and
+    the webhook listener both use it, so a payload stores the same events whichever way it
+    arrives. ``source`` labels the events (default: the kind; ``grpc`` for canonical payloads);
+    ``request_consent`` (ConsentSignals as a dict) fills consent fields a message leaves unset.
+    Raises :class:`InvalidArgument` (``BATCH_TOO_LARGE``, naming ``batch_field``) when the
+    payloads hold more events than one capture call may.
+    """
+    source = source or ("grpc" if kind == "canonical" else kind)
+    received_at = datetime.now(UTC)
+    parsed: list[tuple[list[FieldViolation], list[IncomingEvent]]] = []
+    for i, payload in enumerate(payloads):
+        if len(payload.encode()) > MAX_PAYLOAD_BYTES:
+            parsed.append(([FieldViolation("", f"payload {i} is larger than {MAX_PAYLOAD_BYTES} bytes",
+                                           "PAYLOAD_TOO_LARGE")], []))
+        elif kind == "canonical":
+            parsed.append(_canonical_payload(payload, source))
+        else:
+            payload_parsed = parse_source(kind, payload, source=source, received_at=received_at)
+            parsed.append((payload_parsed.violations, payload_parsed.messages))
+    everything = [m for violations, messages in parsed if not violations for m in messages]
+    check_batch_size(len(everything) or 1, batch_field, app.settings.events.max_batch_size)
+    _merge_request_consent(everything, request_consent or {})
+    results = iter(capture_messages(app, everything, validate_only))
+    return [PayloadCapture(violations, [] if violations else [next(results) for _ in messages])
+            for violations, messages in parsed]
 
 
 # -- translation: responses ----------------------------------------------------------------------
@@ -298,20 +361,10 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
         return run_idempotent(self._db, _SERVICE + method, request, response_type, op)
 
     def _capture(self, messages: list[IncomingEvent], validate_only: bool) -> list[CaptureResult]:
-        results = self._ledger.capture(messages, validate_only=validate_only)
-        if not validate_only:
-            for message, result in zip(messages, results, strict=True):
-                EVENTS_CAPTURED.labels(result.status, message.source).inc()
-            self._app.after_write()
-        return results
+        return capture_messages(self._app, messages, validate_only)
 
     def _check_batch(self, count: int, field: str) -> None:
-        limit = self._settings.max_batch_size
-        if count == 0:
-            raise InvalidArgument.for_field(field, "at least one event is required", reason="EMPTY_BATCH")
-        if count > limit:
-            raise InvalidArgument.for_field(field, f"at most {limit} events per call (got {count}); split the batch",
-                                            reason="BATCH_TOO_LARGE")
+        check_batch_size(count, field, self._settings.max_batch_size)
 
     # -- capture ------------------------------------------------------------------------------------
 
@@ -355,30 +408,16 @@ class EventServicer(event_service_pb2_grpc.EventServiceServicer):
                                                            "HEAP or CANONICAL)")
         if not request.json_payloads or len(request.json_payloads) > MAX_PAYLOADS:
             raise InvalidArgument.for_field("json_payloads", f"send 1 to {MAX_PAYLOADS} payloads")
-        source = request.source or ("grpc" if kind == "canonical" else kind)
-        received_at = datetime.now(UTC)
-        parsed: list[tuple[list[FieldViolation], list[IncomingEvent]]] = []
-        for i, payload in enumerate(request.json_payloads):
-            if len(payload.encode()) > MAX_PAYLOAD_BYTES:
-                parsed.append(([FieldViolation("", f"payload {i} is larger than {MAX_PAYLOAD_BYTES} bytes",
-                                               "PAYLOAD_TOO_LARGE")], []))
-            elif kind == "canonical":
-                parsed.append(_canonical_payload(payload, source))
-            else:
-                payload_parsed = parse_source(kind, payload, source=source, received_at=received_at)
-                parsed.append((payload_parsed.violations, payload_parsed.messages))
-        everything = [m for violations, messages in parsed if not violations for m in messages]
-        self._check_batch(len(everything) or 1, "json_payloads")
-        _merge_request_consent(everything, request.request_consent)
-        results = iter(self._capture(everything, request.validate_only))
+        captured = capture_source_payloads(
+            self._app, kind, request.json_payloads, source=request.source,
+            request_consent=json_format.MessageToDict(request.request_consent, preserving_proto_field_name=True),
+            validate_only=request.validate_only)
         response = pb.CaptureSourcePayloadsResponse()
         all_results: list[CaptureResult] = []
-        for index, (violations, messages) in enumerate(parsed):
-            payload_result = response.results.add(index=index, violations=[_violation_pb(v) for v in violations])
-            if violations:
-                continue
-            for position in range(len(messages)):
-                result = next(results)
+        for index, payload in enumerate(captured):
+            payload_result = response.results.add(index=index,
+                                                  violations=[_violation_pb(v) for v in payload.violations])
+            for position, result in enumerate(payload.results):
                 all_results.append(result)
                 payload_result.results.append(result_pb(result, position))
         response.summary.CopyFrom(_summary(all_results))

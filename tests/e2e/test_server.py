@@ -8,8 +8,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from server.api import SERVICES
-from stitchgraph.v1 import cohort_service_pb2, cohort_service_pb2_grpc, system_service_pb2, system_service_pb2_grpc
-from tests.support.grpc_client import rich_error, running_server, server_settings
+from stitchgraph.v1 import system_service_pb2, system_service_pb2_grpc
+from tests.support.grpc_client import running_server, server_settings
 
 
 def test_health_reports_serving_after_start(channel: grpc.Channel) -> None:
@@ -38,17 +38,6 @@ def test_reflection_lists_every_stitchgraph_service(channel: grpc.Channel) -> No
     assert "grpc.health.v1.Health" in listed
 
 
-def test_an_rpc_whose_feature_has_not_landed_is_unimplemented_and_names_it(channel: grpc.Channel) -> None:
-    stub = cohort_service_pb2_grpc.CohortServiceStub(channel)
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.ListCohortSources(cohort_service_pb2.ListCohortSourcesRequest())
-    error = rich_error(caught.value)
-    assert error.code == grpc.StatusCode.UNIMPLEMENTED
-    assert error.reason == "NOT_IMPLEMENTED_YET"
-    assert error.metadata["feature"] == "cohorts"
-    assert "ListCohortSources" in error.message
-
-
 def test_system_info_lists_features_and_which_have_landed(channel: grpc.Channel) -> None:
     stub = system_service_pb2_grpc.SystemServiceStub(channel)
     info = stub.GetSystemInfo(system_service_pb2.GetSystemInfoRequest())
@@ -57,7 +46,8 @@ def test_system_info_lists_features_and_which_have_landed(channel: grpc.Channel)
     assert features["system"] is True
     assert features["identity-graph"] is True
     assert features["audiences"] is True
-    assert features["cohorts"] is False
+    assert features["cohorts"] is True
+    assert all(features.values()), features
     assert info.store_dialect in {"sqlite", "postgresql"}
 
 

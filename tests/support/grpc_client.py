@@ -13,13 +13,15 @@ from grpc_status import rpc_status
 
 from server.config import Settings
 from server.grpc_server import StitchgraphServer, create_server
+from stitchgraph.scheduler import SchedulerSettings
 
 
 def server_settings(database_url: str, **overrides: object) -> Settings:
-    """Settings for an in-process test server: loopback, free port, no metrics listener."""
+    """Settings for an in-process test server: loopback, free port, no metrics listener, no
+    scheduled jobs firing (a test that wants them passes ``scheduler=``)."""
     base = Settings(database_url=database_url, listen_address="127.0.0.1:0", metrics_address=None,
                     sqlite_synchronous="NORMAL", shutdown_grace_seconds=1.0, log_format="text",
-                    log_level="WARNING")
+                    log_level="WARNING", scheduler=SchedulerSettings(enabled=False))
     return replace(base, **overrides).validate()  # type: ignore[arg-type]
 
 
