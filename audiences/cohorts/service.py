@@ -348,9 +348,7 @@ class CohortImports:
                 snapshot = self._new_snapshot(session, row, cohort, FULL, MANUAL, _us(_now()))
                 session.flush()
                 # Applied in this transaction's place: the removals commit with the delete.
-                self.engine._finish(session, snapshot, self.engine._apply_in(
-                    session, self.identity.policy(session), snapshot, cohort, [], [], None,
-                    default_member_type(row.kind)))
+                self.engine.apply_in(session, snapshot, cohort, [], default_type=default_member_type(row.kind))
             session.execute(delete(CohortMemberRow).where(CohortMemberRow.cohort_pk == cohort.id))
             session.delete(cohort)
         snapshots = select(CohortSnapshotRow.id).where(CohortSnapshotRow.source_pk == row.id)

@@ -147,6 +147,14 @@ class SnapshotEngine:
             outcome = self._apply_in(session, policy, snapshot, cohort, members, removals, guard, default_type)
             return self._finish(session, snapshot, outcome)
 
+    def apply_in(self, session: Session, snapshot: CohortSnapshotRow, cohort: CohortImportRow,
+                 members: Sequence[Member], *, default_type: str) -> SnapshotOutcome:
+        """Apply ``snapshot`` unguarded in the caller's transaction (removing a source's traits
+        together with the source) and record the outcome on it."""
+        policy = self.identity.policy(session)
+        return self._finish(session, snapshot, self._apply_in(session, policy, snapshot, cohort, members, (), None,
+                                                              default_type))
+
     def fail(self, snapshot_pk: int, error: str) -> SnapshotOutcome:
         """Mark a snapshot FAILED (nothing applied)."""
         with self.db.transaction() as session:
@@ -193,10 +201,7 @@ class SnapshotEngine:
                     hit = True
             if not hit:
                 fresh.append(member)
-        if snapshot.mode == FULL:
-            gone = [key for key in current if key not in kept]
-        else:
-            gone = [key for key in _keys_of(removals, current)]
+        gone = [key for key in current if key not in kept] if snapshot.mode == FULL else _keys_of(removals, current)
         if guard is not None and snapshot.mode == FULL:
             reason = guard.reason_to_hold(len(current), len(members), len(gone))
             if reason:

@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audiences.cohorts.models import CohortImportRow, CohortSnapshotRow, CohortSourceRow
 from audiences.cohorts.service import KINDS, ImportConfig, SourceConfig
 from audiences.cohorts.snapshots import DELTA, FULL, Member
+from audiences.outbox import now_us
 from identity.sightings import prepare_identifiers
 from server.app import Application
 from server.filters import parse_filter
 from server.pagination import page_request
+from server.servicers.destinations import settings_from_struct
 from server.servicers.timestamps import timestamp_pb
-from stitchgraph.errors import InvalidArgument
+from stitchgraph.errors import FieldViolation, InvalidArgument
 from stitchgraph.idempotency import remember, replay_or_none, run_idempotent
 from stitchgraph.v1 import cohort_service_pb2, cohort_service_pb2_grpc, cohorts_pb2
 
@@ -39,16 +42,6 @@ MAX_CHUNK_IDS = 10_000
 MAX_SNAPSHOT_MEMBERS = 5_000_000
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) <= 2 ** 53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def config_from_pb(message: cohorts_pb2.CohortSource) -> SourceConfig:
     kind = ""
     if message.kind:
@@ -56,7 +49,7 @@ def config_from_pb(message: cohorts_pb2.CohortSource) -> SourceConfig:
             kind = cohorts_pb2.CohortSourceKind.Name(message.kind).removeprefix("COHORT_SOURCE_KIND_")
         except ValueError:
             kind = f"<{message.kind}>"
-    settings = _plain(json_format.MessageToDict(message.settings)) if message.settings.fields else {}
+    settings = settings_from_struct(message.settings)
     return SourceConfig(
         kind=kind, display_name=message.display_name, description=message.description, settings=settings,
         credentials_ref=message.credentials_ref,
@@ -221,8 +214,6 @@ class CohortServicer(cohort_service_pb2_grpc.CohortServiceServicer):
                     changes["empty_hold_min_members"] = incoming.empty_hold_min_members
                 else:
                     changes[f] = getattr(incoming, f)
-            from dataclasses import replace
-
             updated = replace(current, **changes)
             self._cohorts.validate(updated)
             row = self._cohorts.update_source(session, row, updated)
@@ -278,8 +269,6 @@ class CohortServicer(cohort_service_pb2_grpc.CohortServiceServicer):
         header = first.header
         source_id = parse_source_name(header.source, "header.source")
         violations = []
-        import re
-
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", header.snapshot_id):
             violations.append(("header.snapshot_id", "must be 1 to 63 characters of [a-z0-9-]"))
         if not header.cohort:
@@ -289,8 +278,6 @@ class CohortServicer(cohort_service_pb2_grpc.CohortServiceServicer):
         if header.expected_member_count < 0:
             violations.append(("header.expected_member_count", "must not be negative"))
         if violations:
-            from stitchgraph.errors import FieldViolation
-
             raise InvalidArgument("; ".join(f"{f}: {d}" for f, d in violations),
                                   violations=[FieldViolation(f, d, "INVALID_ARGUMENT") for f, d in violations])
         mode = FULL if header.mode == cohorts_pb2.SNAPSHOT_MODE_FULL else DELTA
@@ -323,8 +310,6 @@ class CohortServicer(cohort_service_pb2_grpc.CohortServiceServicer):
         snapshot_us = (header.snapshot_time.ToMicroseconds() if header.HasField("snapshot_time")
                        else None)
         if snapshot_us is None:
-            from audiences.outbox import now_us
-
             snapshot_us = now_us()
         fingerprint = hashlib.sha256(header.SerializeToString(deterministic=True)).hexdigest()
         row = self._cohorts.import_pushed(

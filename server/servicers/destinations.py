@@ -103,7 +103,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _settings(struct: struct_pb2.Struct) -> dict[str, Any]:
+def settings_from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A settings ``Struct`` as JSON (integral numbers as integers); ``{}`` when empty."""
     return _plain(json_format.MessageToDict(struct)) if struct.fields else {}
 
 
@@ -111,7 +112,7 @@ def config_from_pb(message: destinations_pb2.Destination) -> DestinationConfig:
     """The configuration a ``Destination`` message carries (output-only fields ignored)."""
     return DestinationConfig(kind=_kind_name(message.kind), display_name=message.display_name,
                              description=message.description, credentials_ref=message.credentials_ref,
-                             settings=_settings(message.settings), purposes=tuple(message.purposes),
+                             settings=settings_from_struct(message.settings), purposes=tuple(message.purposes),
                              events=tuple(message.events))
 
 
